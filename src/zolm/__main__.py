@@ -1,0 +1,3 @@
+from zolm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""``zolm finetune``: fine-tune a model on a task with a ZO or first-order method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import fields
+
+from zolm.train.config import DEFAULT_LR, METHODS, SCHEDULES, FinetuneConfig
+
+HELP = {
+    "out": "run directory (results, checkpoints, logs); an existing run with the same config resumes",
+    "model": "built-in name (smollm2-135m), local directory or Hugging Face id",
+    "task": "task name (sst2, rte, cb, boolq, wsc, wic, multirc, copa, squad)",
+    "method": f"training method: {', '.join(METHODS)}",
+    "data_dir": "folder of <task>/<split>.jsonl files (default: the Hugging Face hub)",
+    "lr": "learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+    "lr_schedule": f"{' or '.join(SCHEDULES)}",
+    "eps": "ZO perturbation scale",
+    "queries": "ZO queries (SPSA estimates) per step",
+    "sampler": "ZO perturbation distribution: ih4 (Irwin-Hall ~ Gaussian) or rademacher",
+    "train_params": "regular expressions of parameter names to train (default: all)",
+    "freeze_params": "regular expressions of parameter names to keep frozen",
+    "num_dev": "dev examples (default: 500; CB and COPA 100)",
+    "eval_every": "evaluate on dev every N steps (0: only at the end); best-on-dev weights are kept",
+    "checkpoint_every": "write a resumable checkpoint every N steps (default: eval_every)",
+    "eval_before": "evaluate on test before training (zero-shot)",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model (MeZO or first-order baselines)",
+                       description="Fine-tune a causal LM on a prompt-based task. Every option may also come "
+                                   "from --config FILE (YAML or JSON); flags given here override the file.")
+    p.add_argument("--config", help="YAML or JSON file with FinetuneConfig keys")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        text = HELP.get(f.name, "")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(kind) is list:
+            p.add_argument(flag, nargs="+", default=None, metavar="X", help=text)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            p.add_argument(flag, type=base, default=None, help=text)
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if getattr(args, f.name) is not None}
+    if args.config:
+        return FinetuneConfig.from_file(args.config, **given)
+    return FinetuneConfig.from_dict(given)
+
+
+def run(args: argparse.Namespace) -> int:
+    from zolm.train.loop import finetune
+
+    config = config_from_args(args)
+    results = finetune(config, overwrite=args.overwrite)
+    metric = "accuracy" if "accuracy" in (results["after"] or {}) else "f1"
+    before = (results.get("before") or {}).get(metric)
+    after = (results.get("after") or {}).get(metric)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{config.task} {metric}: before {fmt(before)}  after {fmt(after)}  "
+          f"(method {config.method}, {results['steps']} steps, selected step {results['selected_step']}, "
+          f"{results['train_time_s']:.0f} s training)")
+    print(f"results: {config.out}/results.json  model: {config.out}/model")
+    print(json.dumps({"task": config.task, "method": config.method, f"{metric}_before": before,
+                      f"{metric}_after": after}))
+    return 0

@@ -1,0 +1,1 @@
+"""Scoring, losses, task evaluation and perplexity."""

@@ -1,0 +1,82 @@
+"""Task evaluation (MeZO, papers.md section 3.4).
+
+Classification and multiple choice: every candidate is scored by the mean log-probability of its option
+tokens; the prediction is the argmax; the metric is accuracy. Generation (SQuAD): greedy decoding, at most
+50 new tokens, stopped at the first newline; exact match and token F1 against the references.
+Examples are batched by length (sorted, then restored) so padding stays small; scores do not depend on
+the batching (left padding with explicit position ids, checked in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zolm.data.encode import Encoded, collate
+from zolm.eval.metrics import exact_match, token_f1
+from zolm.eval.scoring import option_logprobs
+from zolm.utils.log import progress
+
+
+@torch.no_grad()
+def candidate_scores(model, items: list[Encoded], pad_id: int, batch_size: int = 16,
+                     desc: str = "eval") -> list[list[float]]:
+    """Mean option log-probability of every candidate of every example ([example][candidate])."""
+    order = sorted(range(len(items)), key=lambda i: -max(len(s) for s in items[i].seqs))
+    scores: list[list[float]] = [[] for _ in items]
+    bar = progress(total=len(items), desc=desc, leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seqs = [s for i in idx for s in items[i].seqs]
+        lens = [k for i in idx for k in items[i].option_lens]
+        total, count = option_logprobs(model, collate(seqs, lens, pad_id))
+        mean = (total / count.clamp(min=1)).tolist()
+        pos = 0
+        for i in idx:
+            c = len(items[i].seqs)
+            scores[i] = mean[pos:pos + c]
+            pos += c
+        bar.update(len(idx))
+    bar.close()
+    return scores
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, items: list[Encoded], batch_size: int = 8,
+                     max_new_tokens: int = 50) -> list[str]:
+    """Greedy answers, cut at the first newline and stripped."""
+    out: list[str] = [""] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    pad = tokenizer.pad_token_id
+    bar = progress(total=len(items), desc="generate", leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        prompts = [items[i].prompt_ids for i in idx]
+        batch = collate(prompts, [1] * len(prompts), pad)
+        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             stop_strings=["\n"], tokenizer=tokenizer)
+        new = gen[:, batch["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            text = tokenizer.decode(new[row], skip_special_tokens=True)
+            out[i] = text.split("\n")[0].strip()
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def evaluate_items(model, tokenizer, items: list[Encoded], kind: str, batch_size: int = 16,
+                   desc: str = "eval") -> dict[str, float]:
+    """Accuracy (classification, multiple choice) or EM/F1 (generation) of ``model`` on encoded examples."""
+    was_training = model.training
+    model.eval()
+    try:
+        if kind == "generation":
+            preds = generate_answers(model, tokenizer, items, batch_size=max(1, batch_size // 2))
+            f1 = sum(token_f1(p, it.answers) for p, it in zip(preds, items)) / max(1, len(items))
+            em = sum(exact_match(p, it.answers) for p, it in zip(preds, items)) / max(1, len(items))
+            return {"f1": f1, "em": em, "n": len(items)}
+        scores = candidate_scores(model, items, tokenizer.pad_token_id, batch_size, desc)
+        correct = sum(int(max(range(len(s)), key=s.__getitem__) == it.gold) for s, it in zip(scores, items))
+        return {"accuracy": correct / max(1, len(items)), "n": len(items)}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,1 @@
+"""The fine-tuning loop shared by every method, its configuration, checkpoints and plots."""

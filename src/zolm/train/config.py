@@ -1,0 +1,122 @@
+"""FinetuneConfig: every knob of a fine-tuning run, validated up front, saved next to every result."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from zolm.errors import ZolmError, unknown
+
+METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora")
+# Learning rates used when none is given (papers.md section 10, at 135M on CPU).
+DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4}
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class FinetuneConfig:
+    """Configuration of ``zolm finetune`` (also accepted as a YAML or JSON file)."""
+
+    out: str = ""
+    model: str = "smollm2-135m"
+    task: str = "sst2"
+    method: str = "mezo"
+    data_dir: str | None = None
+    dtype: str = "float32"
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    # zeroth-order
+    eps: float = 1e-3
+    queries: int = 1
+    sampler: str = "ih4"
+    # which parameters train (regular expressions on parameter names; empty: all)
+    train_params: list[str] = field(default_factory=list)
+    freeze_params: list[str] = field(default_factory=list)
+    # first order
+    max_grad_norm: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # data (MeZO protocol)
+    num_train: int = 1000
+    num_dev: int | None = None
+    num_test: int = 1000
+    max_length: int = 1024
+    data_seed: int = 0
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_every: int = 200  # 0: evaluate on dev only at the end
+    checkpoint_every: int | None = None  # None: same as eval_every
+    eval_batch_size: int = 16
+    eval_before: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise unknown("method", self.method, METHODS)
+        if self.lr_schedule not in SCHEDULES:
+            raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        for name in ("steps", "batch_size", "queries", "eval_batch_size", "max_length", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
+                raise ZolmError(f"{name} must be a positive number, got {v}")
+        if self.weight_decay < 0 or self.eval_every < 0:
+            raise ZolmError("weight_decay and eval_every must be >= 0")
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.eval_every
+        if self.checkpoint_every < 0:
+            raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+    @property
+    def is_zo(self) -> bool:
+        return self.method == "mezo"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        valid = {f.name for f in fields(cls)}
+        bad = sorted(set(data) - valid)
+        if bad:
+            raise ZolmError(f"unknown config key(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> FinetuneConfig:
+        """Read a YAML (.yaml/.yml) or JSON file; ``overrides`` (not None) win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ZolmError(f"no such config file: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - yaml and json raise different types
+            raise ZolmError(f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ZolmError(f"{path}: a config file must hold a mapping of keys to values")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+
+def defaults() -> dict[str, Any]:
+    """Field defaults (for the CLI's help text)."""
+    out = {}
+    for f in fields(FinetuneConfig):
+        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return out

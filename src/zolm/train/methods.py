@@ -1,0 +1,129 @@
+"""Training methods behind one interface: ZO (MeZO) and first-order baselines (AdamW, SGD, LoRA).
+
+A method owns the model it trains, knows which tensors are trainable (for checkpoints) and performs one
+optimisation step on a batch. The registry ``METHODS`` maps ``--method`` names to builders.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+
+from zolm.errors import ZolmError
+from zolm.eval.scoring import task_loss
+from zolm.train.config import FinetuneConfig
+from zolm.zo.optimizer import DivergenceError, StepRecord, ZOConfig, ZOOptimizer
+from zolm.zo.rng import derive_seed
+from zolm.zo.spsa import ParamSet
+
+
+class ZOMethod:
+    """MeZO: ZO-SGD with the in-place seed trick over the selected parameters."""
+
+    is_zo = True
+
+    def __init__(self, model, config: FinetuneConfig, kind: str):
+        self.model, self.kind = model, kind
+        for p in model.parameters():  # ZO needs no autograd graph; inference_mode is used anyway
+            p.requires_grad_(False)
+        self.params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
+        self.optimizer = ZOOptimizer(self.params, ZOConfig(eps=config.eps, queries=config.queries,
+                                                          weight_decay=config.weight_decay,
+                                                          sampler=config.sampler, seed=config.seed))
+        self.torch_optimizer = None
+        self.forwards_per_step = 2 * config.queries
+
+    @property
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.params.names, self.params.params))
+
+    def loss_fn(self, batch: dict) -> Callable[[], float]:
+        def fn() -> float:
+            with torch.inference_mode():
+                return float(task_loss(self.model, batch, self.kind))
+        return fn
+
+    def step(self, batch: dict, step: int, lr: float) -> StepRecord:
+        self.model.eval()
+        return self.optimizer.step(self.loss_fn(batch), step, lr)
+
+    def final_model(self):
+        return self.model
+
+
+class FOMethod:
+    """First-order fine-tuning by backpropagation: full (AdamW or SGD) or LoRA (via peft, AdamW)."""
+
+    is_zo = False
+    forwards_per_step = 1
+
+    def __init__(self, model, config: FinetuneConfig, kind: str):
+        self.kind, self.config = kind, config
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        if config.method == "fo-lora":
+            model = self._wrap_lora(model, config)
+        else:
+            inc = [re.compile(p) for p in config.train_params] or [re.compile(".*")]
+            exc = [re.compile(p) for p in config.freeze_params]
+            for name, p in model.named_parameters():
+                p.requires_grad_(any(r.search(name) for r in inc) and not any(r.search(name) for r in exc))
+        self.model = model
+        named = self.trainable
+        if not named:
+            raise ZolmError("no trainable parameter: check --train-params / --freeze-params")
+        params = list(named.values())
+        if config.method == "fo-sgd":
+            self.torch_optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.torch_optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    @staticmethod
+    def _wrap_lora(model, config: FinetuneConfig):
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in config.lora_targets if t not in names]
+        if missing:
+            raise ZolmError(f"LoRA target module(s) {', '.join(missing)} not in the model; "
+                            f"e.g.: {', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])}")
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+
+    @property
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def step(self, batch: dict, step: int, lr: float) -> float:
+        self.model.train()
+        torch.manual_seed(derive_seed(self.config.seed, step))  # dropout, if the model has any
+        loss = task_loss(self.model, batch, self.kind)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.torch_optimizer.zero_grad(set_to_none=True)
+            raise DivergenceError(f"loss is not finite at step {step} ({value})")
+        loss.backward()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
+        for group in self.torch_optimizer.param_groups:
+            group["lr"] = lr
+        self.torch_optimizer.step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        return value
+
+    def final_model(self):
+        """The plain transformers model to save (LoRA merged into the base weights)."""
+        if self.config.method == "fo-lora":
+            return self.model.merge_and_unload()
+        return self.model
+
+
+METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
+
+
+def build_method(model, config: FinetuneConfig, kind: str):
+    return METHODS[config.method](model, config, kind)

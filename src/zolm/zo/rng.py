@@ -1,0 +1,219 @@
+"""Counter-based perturbation generator: z is a pure function of (seed, parameter, position).
+
+MeZO (Malladi et al. 2023, Algorithm 1) regenerates the perturbation z from a seed four times per step with
+torch's sequential Mersenne-Twister normal generator. zolm instead derives every element of z from a hash:
+
+    key  = splitmix64(seed, parameter index)                       -> two 32-bit words k1, k2
+    h_j  = mix32(mix32(j ^ k1) ^ k2)                               j = flat position in the parameter
+    z_j  = s_j / std,   s_j = sum of the four bytes of h_j - 510   ("ih4", default; std = sqrt(21845))
+                        s_j = +-1 from the top bit of h_j          ("rademacher"; std = 1)
+
+``ih4`` is the Irwin-Hall sum of four uniform bytes: symmetric, mean 0, variance exactly 1, kurtosis 2.7,
+support |z| <= 3.45 -- a close stand-in for N(0, 1). SPSA's estimator (L(theta+eps z) - L(theta-eps z)) /
+(2 eps) * z only needs E[z] = 0 and E[z z^T] = I to be unbiased to first order in eps (Spall 1992; the
+classic SPSA uses Rademacher z, offered here too).
+
+Why not torch.normal: it is sequential (one generator per call), regenerating 135M values costs ~0.5 s on
+two cores, and its stream depends on how the tensor is chunked. The hash is a pure function of the position,
+so it vectorises, parallelises over threads, can be chunked freely (no whole-tensor temporaries), and is
+identical on every backend: the C kernel (kernels/zo_axpy.c, compiled with gcc and loaded with ctypes) and
+the torch implementation below give the same bits. Exactness rests on one rule: coefficients are rounded to
+14 significant bits (:func:`round_coef`), so coef * s is exact in float32 and ``p + coef*s`` rounds once,
+FMA or not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from zolm.errors import unknown
+from zolm.utils.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+M32 = 0xFFFFFFFF
+M64 = 0xFFFFFFFFFFFFFFFF
+# name -> (id used by the C kernel, standard deviation of the integer draw s)
+SAMPLERS: dict[str, tuple[int, float]] = {"ih4": (0, math.sqrt(4 * (256**2 - 1) / 12)), "rademacher": (1, 1.0)}
+COEF_BITS = 14
+_CHUNK = 1 << 16
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64 finaliser (Steele et al. 2014) on Python ints: a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of integer parts (e.g. run seed, step, query)."""
+    x = 0x5EED
+    for p in parts:
+        x = splitmix64(x ^ (int(p) & M64))
+    return x & ((1 << 63) - 1)
+
+
+def tensor_key(seed: int, index: int) -> tuple[int, int]:
+    """The two 32-bit hash keys of parameter number ``index`` under perturbation ``seed``."""
+    k = splitmix64(splitmix64(seed & M64) ^ ((index * 0xD1B54A32D192ED03) & M64))
+    return k & M32, k >> 32
+
+
+def round_coef(c: float, bits: int = COEF_BITS) -> float:
+    """Round ``c`` to ``bits`` significant bits (a float32-exact value), so that c * s is exact."""
+    if c == 0.0 or not math.isfinite(c):
+        return c
+    m, e = math.frexp(c)
+    return math.ldexp(round(m * (1 << bits)), e - bits)
+
+
+def sampler_std(sampler: str) -> float:
+    if sampler not in SAMPLERS:
+        raise unknown("sampler", sampler, SAMPLERS)
+    return SAMPLERS[sampler][1]
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic on values < 2^32; both multipliers are < 2^31 so products stay below 2^63.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & M32
+    return x ^ (x >> 16)
+
+
+def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
+    j = torch.arange(start, start + n, dtype=torch.int64, device=device) & M32
+    h = _mix32(_mix32(j ^ k1) ^ k2)
+    if sampler_id == 0:
+        s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24) - 510
+    else:
+        s = 1 - 2 * (h >> 31)
+    return s.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- C kernel
+class _CKernel:
+    """gcc-compiled OpenMP kernel, cached per source, compiler and CPU; None when it cannot be built."""
+
+    def __init__(self) -> None:
+        self.lib: ctypes.CDLL | None = None
+        self.tried = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self.tried:
+            self.tried = True
+            try:
+                self.lib = self._build()
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("zolm: C kernel unavailable (%s); using the slower torch kernel", e)
+        return self.lib
+
+    @staticmethod
+    def _build() -> ctypes.CDLL:
+        src = Path(__file__).with_name("kernels") / "zo_axpy.c"
+        cc = os.environ.get("CC", "gcc")
+        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        cpu = ""
+        if Path("/proc/cpuinfo").exists():
+            cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        tag = hashlib.sha256("\0".join([src.read_text(), version, " ".join(flags), cpu, platform.machine()])
+                             .encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("ZOLM_CACHE", Path.home() / ".cache" / "zolm")) / "kernels"
+        so = cache / f"zo_axpy-{tag}.so"
+        if not so.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = so.with_suffix(f".{os.getpid()}.so")
+            subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+            atomic_write_bytes(so, tmp.read_bytes())
+            tmp.unlink()
+        lib = ctypes.CDLL(str(so))
+        i64, u32 = ctypes.c_int64, ctypes.c_uint32
+        lib.zolm_axpy_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_float, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_int]
+        lib.zolm_draw_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_int, ctypes.c_int]
+        return lib
+
+
+_KERNEL = _CKernel()
+
+
+def backend_for(p: torch.Tensor) -> str:
+    """'c' for contiguous float32 CPU tensors when the C kernel builds, else 'torch'.
+
+    ``ZOLM_KERNEL=torch`` forces the torch implementation (same bits, slower on CPU).
+    """
+    if os.environ.get("ZOLM_KERNEL", "auto") == "torch":
+        return "torch"
+    if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and _KERNEL.get() is not None:
+        return "c"
+    return "torch"
+
+
+def draw(n: int, key: tuple[int, int], sampler: str = "ih4", start: int = 0,
+         device: torch.device | str = "cpu", backend: str | None = None) -> torch.Tensor:
+    """The unit-variance draws z_start .. z_{start+n-1} of one parameter, as float32."""
+    sid, std = SAMPLERS[sampler] if sampler in SAMPLERS else (None, None)
+    if sid is None:
+        raise unknown("sampler", sampler, SAMPLERS)
+    if start + n > 1 << 32:
+        raise ValueError("a parameter may hold at most 2^32 elements")
+    device = torch.device(device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    use_c = (backend or ("c" if device.type == "cpu" else "torch")) == "c" and _KERNEL.get() is not None
+    if use_c and os.environ.get("ZOLM_KERNEL", "auto") != "torch":
+        _KERNEL.get().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, torch.get_num_threads())
+    else:
+        for s in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - s)
+            out[s:s + m] = _torch_draw(m, start + s, key[0], key[1], sid, device)
+    return out.div_(std) if std != 1.0 else out
+
+
+def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "ih4",
+            mask: torch.Tensor | None = None) -> float:
+    """In place ``p += coef * z`` (z of unit variance from ``key``), only where ``mask`` is true if given.
+
+    Returns the coefficient actually applied to the unit-variance z (``coef`` rounded so the arithmetic is
+    exact; see module docstring). Any dtype and device; float32 CPU tensors use the C kernel.
+    """
+    if sampler not in SAMPLERS:
+        raise unknown("sampler", sampler, SAMPLERS)
+    sid, std = SAMPLERS[sampler]
+    a = round_coef(coef / std)
+    if a == 0.0:
+        return 0.0
+    n = p.numel()
+    if n > 1 << 32:
+        raise ValueError("a parameter may hold at most 2^32 elements")
+    flat = p.view(-1)
+    mflat = None if mask is None else mask.reshape(-1)
+    if backend_for(p) == "c":
+        mptr = None
+        if mflat is not None:
+            mflat = mflat.to(torch.bool).contiguous()
+            mptr = mflat.data_ptr()
+        _KERNEL.get().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a, sid, mptr,
+                                    torch.get_num_threads())
+    else:
+        for s in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - s)
+            step = _torch_draw(m, s, key[0], key[1], sid, p.device).mul_(a)
+            seg = flat[s:s + m]
+            if mflat is None:
+                seg.add_(step)
+            else:  # where(), not a multiply by the mask: p + 0.0 would turn -0.0 into +0.0
+                seg.copy_(torch.where(mflat[s:s + m], seg + step, seg))
+    return a * std

@@ -1,0 +1,72 @@
+"""Structure: one-way layer dependencies, lean `import zolm`, small files."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "zolm"
+
+# Lower layers never import higher ones (docs/architecture in README). Longest prefix wins.
+LAYERS = {
+    "zolm.errors": 0, "zolm.utils": 0,
+    "zolm.models": 1, "zolm.data": 1, "zolm.quant": 1,
+    "zolm.eval": 2, "zolm.zo.rng": 2, "zolm.zo.spsa": 2, "zolm.prune": 2, "zolm.adapters": 2, "zolm.masks": 2,
+    "zolm.zo": 3, "zolm.train": 3,
+    "zolm.cli": 4, "zolm": 4,
+}
+
+
+def layer(module: str) -> int:
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "zolm":  # from zolm import models -> zolm.models
+                out |= {f"zolm.{a.name}" for a in node.names}
+            else:
+                out.add(node.module)
+    return {m for m in out if m == "zolm" or m.startswith("zolm.")}
+
+
+FILES = sorted(SRC.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_go_one_way(path):
+    me = module_name(path)
+    for dep in imports(path):
+        if dep == "zolm" and me != "zolm":
+            pytest.fail(f"{me} imports the top-level package (use the submodule)")
+        assert layer(dep) <= layer(me), f"{me} (layer {layer(me)}) imports {dep} (layer {layer(dep)})"
+
+
+def test_data_never_imports_a_model():
+    for path in (SRC / "data").rglob("*.py"):
+        assert "zolm.models" not in imports(path) and "transformers" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_files_stay_small(path):
+    assert len(path.read_text().splitlines()) <= 400, f"{path} is over 400 lines: split it"
+
+
+def test_import_zolm_is_lean():
+    code = ("import sys, zolm; heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib', 'peft') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"`import zolm` pulled in: {out.stdout.strip()}"
