@@ -84,3 +84,31 @@ def test_every_task_loads_from_the_shared_data(task):
     s = load_splits(task, SHARED_DATA, num_train=20, num_dev=10, num_test=20)
     assert len(s.test) >= 20 and len(s.train) == 20 and len(s.dev) == 10
     assert all(0 <= ex.gold < len(ex.candidates) for ex in s.test)
+
+
+def test_hub_loading_without_data_dir(monkeypatch):
+    """Without --data-dir rows come from datasets.load_dataset(path, name, split)."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name, split):
+        calls.append((path, name, split))
+        return [{"premise": f"p{i}", "hypothesis": "h", "label": i % 2, "idx": i} for i in range(8)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    s = load_splits("rte", None, num_train=4, num_dev=2, num_test=3)
+    assert ("super_glue", "rte", "validation") in calls and ("super_glue", "rte", "train") in calls
+    assert (len(s.train), len(s.dev), len(s.test)) == (4, 2, 3)
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    import datasets
+
+    def fail(*a, **k):
+        raise ConnectionError("no network\nmore details")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(ZolmError, match=r"could not load glue/sst2 \[validation\] from the hub \(no network\); "
+                                        r"pass --data-dir"):
+        load_splits("sst2", None)

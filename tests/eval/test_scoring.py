@@ -135,3 +135,39 @@ def test_read_wikitext_joins_rows_like_the_hub(tmp_path):
     (tmp_path / "w.raw").write_text(" \n = Title = \n \n Text here . \n")
     # HF rows: "", " = Title = \n", "", " Text here . \n", joined by "\n\n"
     assert read_wikitext(tmp_path / "w.raw") == "\n\n = Title = \n\n\n\n\n Text here . \n"
+
+
+def test_shared_prefix_fast_path_equals_one_row_per_candidate(tiny_llama_dir):
+    """Single-token candidates after a shared prompt: one forward per example gives the same loss and scores."""
+    from zolm.data.encode import candidate_batch
+    from zolm.eval.evaluate import candidate_scores
+
+    model, _ = models.load(tiny_llama_dir)
+    tok = word_tokenizer()  # every word is one token, so " blue" / " green" are single-token candidates
+    examples = [Example(f"what is the color of the {n}", (" blue", " green", " red"), g)
+                for n, g in [("sky", 0), ("grass", 1), ("blood", 2), ("snow", 0)]]
+    items = encode_all(tok, examples)
+    assert all(it.shared_prefix() is not None for it in items)
+    fast = training_batch(items, "classification", tok.pad_token_id)
+    assert "candidate_ids" in fast and fast["input_ids"].shape[0] == 4
+    slow = collate([s for it in items for s in it.seqs], [k for it in items for k in it.option_lens], 0)
+    slow.update(labels=fast["labels"], num_candidates=torch.tensor(3))
+    with torch.no_grad():
+        assert task_loss(model, fast, "classification").item() == pytest.approx(
+            task_loss(model, slow, "classification").item(), abs=1e-5)
+        total, count = option_logprobs(model, slow)
+        per_candidate = (total / count).view(4, 3)
+        assert torch.allclose(torch.tensor(candidate_scores(model, items, 0)), per_candidate, atol=1e-5)
+    assert candidate_batch(encode_all(tok, [Example("the sky", (" light blue", " red"), 0)]), 0) is None
+
+
+def test_smollm2_verbalizers_take_the_fast_path(smollm2_tokenizer):
+    from zolm.data.encode import encode_example
+    from zolm.data.tasks import TASKS
+
+    rows = {"sst2": {"sentence": "fine", "label": 0}, "rte": {"premise": "P.", "hypothesis": "H.", "label": 0},
+            "boolq": {"passage": "P.", "question": "q", "label": 0},
+            "wic": {"word": "w", "sentence1": "a", "sentence2": "b", "label": 0},
+            "cb": {"premise": "P.", "hypothesis": "H", "label": 0}}
+    for task, row in rows.items():
+        assert encode_example(smollm2_tokenizer, TASKS[task].render(row)).shared_prefix() is not None, task

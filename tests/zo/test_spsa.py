@@ -90,3 +90,13 @@ def test_param_selection_by_pattern(tiny_llama_dir):
     assert mlp.names and all(".mlp." in n for n in mlp.names)
     no_norm = ParamSet(model, exclude=["norm"])
     assert not any("norm" in n for n in no_norm.names)
+
+
+def test_projected_grad_is_the_directional_derivative_on_a_quadratic():
+    """For f = 0.5 x^T A x the central difference is exact: (f(x+eps z) - f(x-eps z)) / 2eps = z^T A x."""
+    q = Quadratic(d=64)
+    params = ParamSet(q)
+    for seed in range(5):
+        z = rng.draw(64, rng.tensor_key(seed, 0)).double()
+        g, _, _ = spsa_projected_grad(q.value, params, seed, 1e-3)
+        assert g == pytest.approx(float(z @ q.grad()), rel=1e-6)  # z from draw() is rounded to float32

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from zolm.data.encode import Encoded, collate
+from zolm.data.encode import Encoded, candidate_batch, collate
 from zolm.eval.metrics import exact_match, token_f1
-from zolm.eval.scoring import option_logprobs
+from zolm.eval.scoring import candidate_logprobs, option_logprobs
 from zolm.utils.log import progress
 
 
@@ -26,6 +26,12 @@ def candidate_scores(model, items: list[Encoded], pad_id: int, batch_size: int =
     bar = progress(total=len(items), desc=desc, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        fast = candidate_batch([items[i] for i in idx], pad_id)
+        if fast is not None:  # shared prefix, single-token candidates: one row per example
+            for i, row in zip(idx, candidate_logprobs(model, fast).tolist()):
+                scores[i] = row
+            bar.update(len(idx))
+            continue
         seqs = [s for i in idx for s in items[i].seqs]
         lens = [k for i in idx for k in items[i].option_lens]
         total, count = option_logprobs(model, collate(seqs, lens, pad_id))

@@ -29,6 +29,21 @@ def _base_class(model) -> type:
     return type(base)
 
 
+def last_logits(model, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """Logits of the last ``k`` positions ([B, k, V]), computing only those where the model allows it."""
+    cls = _base_class(model)
+    kwargs = {key: batch[key] for key in _LEN_KEYS if key in batch}
+    if not _accepts(cls, "position_ids"):
+        kwargs.pop("position_ids", None)
+    if _accepts(cls, "logits_to_keep"):
+        kwargs["logits_to_keep"] = k
+    return model(**kwargs, use_cache=False).logits[:, -k:]
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # fp64 stays
+
+
 def option_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits over the positions that predict option tokens.
 
@@ -37,22 +52,20 @@ def option_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     option_mask = batch["option_mask"]
     k = int(option_mask.sum(-1).max()) + 1
-    cls = _base_class(model)
-    kwargs = {key: batch[key] for key in _LEN_KEYS if key in batch}
-    if not _accepts(cls, "position_ids"):
-        kwargs.pop("position_ids", None)
-    if _accepts(cls, "logits_to_keep"):
-        kwargs["logits_to_keep"] = k
-    out = model(**kwargs, use_cache=False)
-    logits = out.logits[:, -k:]
+    logits = last_logits(model, batch, k)
     return logits[:, :-1], batch["input_ids"][:, -(k - 1):], option_mask[:, -(k - 1):]
+
+
+def candidate_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(candidate | shared prefix) for single-token candidates ([B, C]; batch from candidate_batch)."""
+    logp = _log_softmax(last_logits(model, batch, 1)[:, -1])
+    return logp.gather(-1, batch["candidate_ids"])
 
 
 def option_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of log p(option token | prefix) and the number of option tokens."""
     logits, targets, mask = option_logits(model, batch)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> fp32, fp64 stays
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = _log_softmax(logits).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(mask, logp, torch.zeros_like(logp))
     return logp.sum(-1), mask.sum(-1)
 
@@ -65,6 +78,8 @@ def task_loss(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     multiple_choice / generation: teacher-forcing cross-entropy on the gold option tokens, averaged over
         all option tokens of the batch.
     """
+    if "candidate_ids" in batch:
+        return F.cross_entropy(candidate_logprobs(model, batch), batch["labels"])
     total, count = option_logprobs(model, batch)
     if kind == "classification":
         c = int(batch["num_candidates"])
