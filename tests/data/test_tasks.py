@@ -112,3 +112,8 @@ def test_unreachable_hub_is_one_line(monkeypatch):
     with pytest.raises(ZolmError, match=r"could not load glue/sst2 \[validation\] from the hub \(no network\); "
                                         r"pass --data-dir"):
         load_splits("sst2", None)
+
+
+def test_zero_shot_evaluation_keeps_the_whole_test_split(data_dir):
+    s = load_splits("squad", data_dir, num_train=0, num_dev=0, num_test=100)
+    assert (len(s.train), len(s.dev), len(s.test)) == (0, 0, 12)

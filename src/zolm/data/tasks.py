@@ -133,8 +133,8 @@ def load_splits(task: str | TaskSpec, data_dir: str | Path | None = None, num_tr
     if spec.train_split is not None and _has_split(spec, spec.train_split, data_dir):
         train_rows = load_rows(spec, spec.train_split, data_dir)
         test = [test_rows[i] for i in perm[:num_test]]
-    else:
-        n_test = min(num_test, len(test_rows) // 2)
+    else:  # no train split: carve train/dev from validation, unless none is wanted (zero-shot evaluation)
+        n_test = min(num_test, len(test_rows) // 2) if num_train + num_dev else num_test
         test = [test_rows[i] for i in perm[:n_test]]
         train_rows = [test_rows[i] for i in perm[n_test:]]
     tperm = np.random.default_rng(seed).permutation(len(train_rows))[:num_train + num_dev]
