@@ -124,7 +124,9 @@ def main() -> None:
         return
     for shape in args.shapes.split(","):
         batch, seq = (int(x) for x in shape.split("x"))
-        w = lambda mode: run_worker(__file__, mode, args.model, str(batch), str(seq), str(args.reps))  # noqa: E731
+        def w(mode: str, batch: int = batch, seq: int = seq) -> dict:
+            return run_worker(__file__, mode, args.model, str(batch), str(seq), str(args.reps))
+
         zolm, ref = w("zolm"), w("reference")
         infer, zo, fo = w("infer_peak"), w("zo_peak"), w("fo_peak")
         print(json.dumps({

@@ -64,3 +64,20 @@ def test_smollm2_scores_a_handmade_set(smollm2):
         Example("Water freezes at zero degrees", (" Celsius", " happiness"), 0),
     ]
     assert evaluate_items(model, tok, encode_all(tok, examples), "multiple_choice")["accuracy"] == 1.0
+
+
+def test_device_map_loads_through_accelerate(tiny_llama_dir):
+    model, _ = models.load(tiny_llama_dir, device_map={"": "cpu"})
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_zo_refuses_parameters_offloaded_to_disk():
+    from torch import nn
+
+    from zolm.zo.spsa import ParamSet
+
+    lin = nn.Linear(4, 4, device="meta")
+    with pytest.raises(ZolmError, match="offloaded .*meta device"):
+        ParamSet(lin)

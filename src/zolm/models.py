@@ -82,13 +82,19 @@ def _finish(model, tokenizer):
     return model, tokenizer
 
 
+def _builtin_cache(name: str) -> Path:
+    """Where the de-quantized safetensors copy of a built-in GGUF model is cached (keyed by the file)."""
+    path = builtin_gguf_path(name)
+    st = path.stat()
+    tag = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{name}-{tag}"
+
+
 def _load_gguf_builtin(name: str, dtype: torch.dtype, use_cache: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = builtin_gguf_path(name)
-    st = path.stat()
-    tag = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    cached = cache_dir() / "models" / f"{name}-{tag}"
+    cached = _builtin_cache(name)
     if use_cache and (cached / "config.json").is_file():
         return load(str(cached), dtype=dtype, use_cache=False)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -103,19 +109,27 @@ def _load_gguf_builtin(name: str, dtype: torch.dtype, use_cache: bool):
     return model.to(dtype), tokenizer
 
 
-def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: bool = True):
+def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: bool = True,
+         device: str | torch.device | None = None, device_map: str | dict | None = None):
     """Return ``(model, tokenizer)`` for a built-in name, a local directory or a Hugging Face model id.
 
     Args:
         name_or_path: ``smollm2-135m`` (see ``BUILTIN``), a directory written by ``save_pretrained``, or a hub id.
         dtype: torch dtype or its name (``float32``, ``bfloat16``, ``float16``).
         use_cache: keep/reuse a safetensors copy of de-quantized built-in GGUF models.
+        device: move the model there (default: where it loads, the CPU).
+        device_map: passed to ``from_pretrained`` (accelerate) to spread a model too large for one device
+            over several devices and CPU memory, e.g. ``"auto"``.
 
     The model is a plain ``transformers`` causal LM in eval mode; the tokenizer pads on the left.
     """
     dtype = resolve_dtype(dtype)
     if name_or_path in BUILTIN:
-        return _load_gguf_builtin(name_or_path, dtype, use_cache)
+        if device_map is not None:  # de-quantize once, then load the cached copy with the map
+            _load_gguf_builtin(name_or_path, torch.float32, True)
+            return load(str(_builtin_cache(name_or_path)), dtype, device_map=device_map)
+        model, tok = _load_gguf_builtin(name_or_path, dtype, use_cache)
+        return (model.to(device) if device is not None else model), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(name_or_path).expanduser()
@@ -126,13 +140,16 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
         if not (p / "config.json").is_file():
             raise ZolmError(f"{name_or_path} is not a model directory (no config.json); "
                             f"built-in models: {', '.join(BUILTIN)}")
+    kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p) if looks_local else name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(str(p) if looks_local else name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(p) if looks_local else name_or_path, dtype=dtype, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ZolmError(f"could not load model {name_or_path!r}: {first} "
                         f"(built-in models: {', '.join(BUILTIN)})") from None
+    if device is not None and device_map is None:
+        model = model.to(device)
     return _finish(model, tokenizer)
 
 

@@ -95,14 +95,14 @@ def test_replay_rebuilds_the_selected_weights_bit_for_bit(tiny_llama_dir, data_d
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
     import zolm.train.methods as methods
 
-    real, calls = methods.task_loss, {"n": 0}
+    real, calls = methods.task_loss_sum, {"n": 0}
 
     def flaky(model, batch, kind):
         calls["n"] += 1
         loss = real(model, batch, kind)
         return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 fine (2 forwards each)
 
-    monkeypatch.setattr(methods, "task_loss", flaky)
+    monkeypatch.setattr(methods, "task_loss_sum", flaky)
     out = tmp_path / "run"
     with pytest.raises(ZolmError, match=r"training diverged: loss is not finite at step 4.*checkpoint.*\(step 3\)"):
         finetune(cfg(tiny_llama_dir, data_dir, out, steps=6, eval_every=0, checkpoint_every=1, eval_before=False))

@@ -13,7 +13,8 @@ import torch
 
 from zolm.data.encode import Encoded, candidate_batch, collate
 from zolm.eval.metrics import exact_match, token_f1
-from zolm.eval.scoring import candidate_logprobs, option_logprobs
+from zolm.eval.scoring import candidate_logprobs, input_device, option_logprobs
+from zolm.utils.dist import Reducer, shard, world_size
 from zolm.utils.log import progress
 
 
@@ -58,9 +59,10 @@ def generate_answers(model, tokenizer, items: list[Encoded], batch_size: int = 8
         idx = order[start:start + batch_size]
         prompts = [items[i].prompt_ids for i in idx]
         batch = collate(prompts, [1] * len(prompts), pad)
-        gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             stop_strings=["\n"], tokenizer=tokenizer)
+        device = input_device(model)
+        gen = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, stop_strings=["\n"], tokenizer=tokenizer)
         new = gen[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
@@ -72,17 +74,23 @@ def generate_answers(model, tokenizer, items: list[Encoded], batch_size: int = 8
 
 def evaluate_items(model, tokenizer, items: list[Encoded], kind: str, batch_size: int = 16,
                    desc: str = "eval") -> dict[str, float]:
-    """Accuracy (classification, multiple choice) or EM/F1 (generation) of ``model`` on encoded examples."""
+    """Accuracy (classification, multiple choice) or EM/F1 (generation) of ``model`` on encoded examples.
+
+    Under torchrun each worker evaluates its share of the examples and the counts are summed.
+    """
     was_training = model.training
     model.eval()
+    reduce = Reducer().sum
+    mine = shard(items) if world_size() > 1 else items
     try:
         if kind == "generation":
-            preds = generate_answers(model, tokenizer, items, batch_size=max(1, batch_size // 2))
-            f1 = sum(token_f1(p, it.answers) for p, it in zip(preds, items)) / max(1, len(items))
-            em = sum(exact_match(p, it.answers) for p, it in zip(preds, items)) / max(1, len(items))
-            return {"f1": f1, "em": em, "n": len(items)}
-        scores = candidate_scores(model, items, tokenizer.pad_token_id, batch_size, desc)
-        correct = sum(int(max(range(len(s)), key=s.__getitem__) == it.gold) for s, it in zip(scores, items))
-        return {"accuracy": correct / max(1, len(items)), "n": len(items)}
+            preds = generate_answers(model, tokenizer, mine, batch_size=max(1, batch_size // 2))
+            f1, em, n = reduce([sum(token_f1(p, it.answers) for p, it in zip(preds, mine)),
+                                sum(exact_match(p, it.answers) for p, it in zip(preds, mine)), len(mine)])
+            return {"f1": f1 / max(1, n), "em": em / max(1, n), "n": int(n)}
+        scores = candidate_scores(model, mine, tokenizer.pad_token_id, batch_size, desc)
+        correct = sum(int(max(range(len(s)), key=s.__getitem__) == it.gold) for s, it in zip(scores, mine))
+        correct, n = reduce([correct, len(mine)])
+        return {"accuracy": correct / max(1, n), "n": int(n)}
     finally:
         model.train(was_training)

@@ -8,6 +8,7 @@ SmolLM2 at 64 tokens this skips ~25% of a forward pass (the tied 49152 x 576 LM 
 from __future__ import annotations
 
 import inspect
+import itertools
 from functools import lru_cache
 
 import torch
@@ -29,10 +30,18 @@ def _base_class(model) -> type:
     return type(base)
 
 
+def input_device(model) -> torch.device:
+    """Where the model's inputs go (the embedding's device; with a device_map, the first shard's)."""
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().weight.device
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(0)).device
+
+
 def last_logits(model, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
     """Logits of the last ``k`` positions ([B, k, V]), computing only those where the model allows it."""
     cls = _base_class(model)
-    kwargs = {key: batch[key] for key in _LEN_KEYS if key in batch}
+    device = input_device(model)
+    kwargs = {key: batch[key].to(device) for key in _LEN_KEYS if key in batch}
     if not _accepts(cls, "position_ids"):
         kwargs.pop("position_ids", None)
     if _accepts(cls, "logits_to_keep"):
@@ -53,13 +62,14 @@ def option_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     option_mask = batch["option_mask"]
     k = int(option_mask.sum(-1).max()) + 1
     logits = last_logits(model, batch, k)
-    return logits[:, :-1], batch["input_ids"][:, -(k - 1):], option_mask[:, -(k - 1):]
+    dev = logits.device
+    return logits[:, :-1], batch["input_ids"][:, -(k - 1):].to(dev), option_mask[:, -(k - 1):].to(dev)
 
 
 def candidate_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p(candidate | shared prefix) for single-token candidates ([B, C]; batch from candidate_batch)."""
     logp = _log_softmax(last_logits(model, batch, 1)[:, -1])
-    return logp.gather(-1, batch["candidate_ids"])
+    return logp.gather(-1, batch["candidate_ids"].to(logp.device))
 
 
 def option_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +80,30 @@ def option_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return logp.sum(-1), mask.sum(-1)
 
 
+def loss_count(batch: dict[str, torch.Tensor], kind: str) -> int:
+    """The denominator of the batch's loss (examples, or option tokens), known before any forward pass."""
+    if kind == "classification":
+        return int(batch["labels"].numel())
+    return int(batch["option_mask"].sum())
+
+
+def task_loss_sum(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The batch's loss *sum* (over examples for classification, over option tokens otherwise).
+
+    Summing lets micro-batches and data-parallel workers combine exactly what one big batch would average:
+    loss = sum over parts / :func:`loss_count` over parts.
+    """
+    if "candidate_ids" in batch:
+        scores = candidate_logprobs(model, batch)
+        return F.cross_entropy(scores, batch["labels"].to(scores.device), reduction="sum")
+    total, count = option_logprobs(model, batch)
+    if kind == "classification":
+        c = int(batch["num_candidates"])
+        scores = (total / count.clamp(min=1)).view(-1, c)
+        return F.cross_entropy(scores, batch["labels"].to(scores.device), reduction="sum")
+    return -total.sum()
+
+
 def task_loss(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """MeZO's prompt-based loss.
 
@@ -78,11 +112,4 @@ def task_loss(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     multiple_choice / generation: teacher-forcing cross-entropy on the gold option tokens, averaged over
         all option tokens of the batch.
     """
-    if "candidate_ids" in batch:
-        return F.cross_entropy(candidate_logprobs(model, batch), batch["labels"])
-    total, count = option_logprobs(model, batch)
-    if kind == "classification":
-        c = int(batch["num_candidates"])
-        scores = (total / count.clamp(min=1)).view(-1, c)
-        return F.cross_entropy(scores, batch["labels"])
-    return -total.sum() / count.sum().clamp(min=1)
+    return task_loss_sum(model, batch, kind) / max(1, loss_count(batch, kind))

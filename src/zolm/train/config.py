@@ -26,8 +26,11 @@ class FinetuneConfig:
     method: str = "mezo"
     data_dir: str | None = None
     dtype: str = "float32"
+    device: str = "cpu"  # "cuda", "cuda:1", ... (ignored when device_map is set)
+    device_map: str | None = None  # e.g. "auto": shard a large model over devices (accelerate)
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: split over torchrun workers and grad_accum micro-batches
+    grad_accum: int = 1
     lr: float | None = None  # None: DEFAULT_LR[method]
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
@@ -63,7 +66,7 @@ class FinetuneConfig:
             raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
-        for name in ("steps", "batch_size", "queries", "eval_batch_size", "max_length", "lora_r"):
+        for name in ("steps", "batch_size", "grad_accum", "queries", "eval_batch_size", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "eps"):

@@ -8,6 +8,10 @@ A run directory holds:
     results.json      metrics before / after, timings
 Data order and ZO seeds are pure functions of (seed, step), so resuming from ``checkpoint/`` replays exactly
 what an uninterrupted run does: the final weights are bit-identical (tested).
+
+Under ``torchrun`` every worker runs this loop on its contiguous share of each global batch (split further into
+``grad_accum`` micro-batches); ZO workers sum two scalars per query, first-order workers sum gradients, and
+only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
 from zolm.train.config import FinetuneConfig
 from zolm.train.methods import build_method
 from zolm.train.plot import plot_loss
+from zolm.utils import dist
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
 from zolm.utils.log import progress
 from zolm.zo.optimizer import DivergenceError
@@ -78,6 +83,22 @@ def _prepare_out(config: FinetuneConfig, overwrite: bool) -> dict | None:
     return None
 
 
+class _Quiet:
+    """Stands in for a log writer on workers other than rank 0."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def local_parts(idx: list[int], grad_accum: int) -> list[list[int]]:
+    """This worker's share of a global batch, cut into ``grad_accum`` micro-batches."""
+    mine = dist.shard(idx)
+    return [p for p in (dist.shard(mine, r, grad_accum) for r in range(grad_accum)) if p]
+
+
 def _metric(result: dict) -> float:
     return result.get("accuracy", result.get("f1", float("nan")))
 
@@ -88,14 +109,23 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
 
     ``callbacks`` are called as ``cb(step, record)`` after every step (tests use one to interrupt a run).
     """
-    resume = _prepare_out(config, overwrite)
+    distributed = dist.init(config.device)
+    main = dist.is_main()
+    if config.batch_size < dist.world_size() * config.grad_accum:
+        raise ZolmError(f"batch_size {config.batch_size} is smaller than workers x grad_accum "
+                        f"({dist.world_size()} x {config.grad_accum})")
+    resume = _prepare_out(config, overwrite) if main else None
+    dist.barrier()
     out = Path(config.out)
-    atomic_write_json(out / "run_config.json", config.to_dict())
+    if not main and (out / "checkpoint" / "state.json").is_file():
+        resume = json.loads((out / "checkpoint" / "state.json").read_text())
+    if main:
+        atomic_write_json(out / "run_config.json", config.to_dict())
     splits = load_splits(config.task, config.data_dir, config.num_train, config.num_dev, config.num_test,
                          config.data_seed)  # bad data fails here, before the model loads
     if not splits.train:
         raise ZolmError(f"task {config.task} has no training examples with these settings")
-    model, tok = models.load(config.model, config.dtype)
+    model, tok = models.load(config.model, config.dtype, device=config.device, device_map=config.device_map)
     kind = splits.task.kind
     train = encode_all(tok, splits.train, config.max_length)
     dev = encode_all(tok, splits.dev, config.max_length)
@@ -109,10 +139,10 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         copy_into(trainable, weights)
         log.info("resuming %s from step %d", out, state["step"])
     start = state["step"]
-    metrics = JsonlWriter(out / "metrics.jsonl", truncate_after=start if resume else None)
+    metrics = JsonlWriter(out / "metrics.jsonl", truncate_after=start if resume else None) if main else _Quiet()
     replay = None
     if method.is_zo:
-        replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None)
+        replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None) if main else _Quiet()
         if not resume:
             replay.write(replay_header(config.model, config.dtype, config.train_params, config.freeze_params,
                                        method.optimizer.header()))
@@ -126,17 +156,18 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         metrics.write({"step": 0, **{f"test_{k}": v for k, v in state["before"].items()}})
 
     def save_ckpt():
-        save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
+        if main:
+            save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
 
     bar = progress(range(start + 1, config.steps + 1), desc=f"{config.method} {config.task}",
-                   initial=start, total=config.steps)
+                   initial=start, total=config.steps, disable=not main)
     try:
         for step in bar:
             idx, epoch = batch_indices(len(train), config.batch_size, config.seed, step)
-            batch = training_batch([train[i] for i in idx], kind, pad)
+            parts = [training_batch([train[i] for i in p], kind, pad) for p in local_parts(idx, config.grad_accum)]
             lr = lr_at(config, step)
             t0 = time.perf_counter()
-            result = method.step(batch, step, lr)
+            result = method.step(parts, step, lr)
             state["train_time_s"] += time.perf_counter() - t0
             loss = result.loss if method.is_zo else result
             state["forward_passes"] += method.forwards_per_step * len(idx)
@@ -152,20 +183,25 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
                 metrics.write({"step": step, **{f"dev_{k}": v for k, v in res.items()}})
                 if state["best_dev"] is None or _metric(res) > _metric(state["best_dev"]):
                     state["best_dev"], state["best_step"] = res, step
-                    save_checkpoint(out / "best", trainable, {"step": step, "dev": res})
-                plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
+                    if main:
+                        save_checkpoint(out / "best", trainable, {"step": step, "dev": res})
+                if main:
+                    plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
             state["step"] = step
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
                 save_ckpt()
     except DivergenceError as e:
         metrics.write({"step": state["step"] + 1, "event": "diverged", "message": str(e)})
-        atomic_write_json(out / "results.json", {"status": "diverged", "message": str(e), **_summary(config, state)})
+        if main:
+            atomic_write_json(out / "results.json",
+                              {"status": "diverged", "message": str(e), **_summary(config, state)})
         where = (f"last good checkpoint: {out / 'checkpoint'} (step {_ckpt_step(out)})"
                  if (out / "checkpoint").exists() else "no checkpoint was written yet")
         raise ZolmError(f"training diverged: {e}; stopped, {where}") from None
     finally:
         bar.close()
         metrics.close()
+    dist.barrier()  # rank 0 has written best/ before anyone reads it
     if state["best_step"] is not None and state["best_step"] != config.steps:
         weights, _ = load_checkpoint(out / "best")
         copy_into(trainable, weights)
@@ -174,12 +210,17 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     if replay is not None:
         replay.write({"event": "end", "selected_step": selected})
         replay.close()
-    if config.method == "fo-lora":
-        method.model.save_pretrained(out / "adapter")
-    models.save(method.final_model(), tok, out / "model")
     results = {"status": "done", **_summary(config, state), "selected_step": selected, "after": after}
-    atomic_write_json(out / "results.json", results)
-    plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
+    if distributed:
+        steps_here = max(1, state["step"] - start)
+        results.update(workers=dist.world_size(), bytes_sent_per_step=method.reducer.bytes_sent / steps_here)
+    if main:
+        if config.method == "fo-lora":
+            method.model.save_pretrained(out / "adapter")
+        models.save(method.final_model(), tok, out / "model")
+        atomic_write_json(out / "results.json", results)
+        plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
+    dist.barrier()
     return results
 
 

@@ -13,15 +13,20 @@ from collections.abc import Callable
 import torch
 
 from zolm.errors import ZolmError
-from zolm.eval.scoring import task_loss
+from zolm.eval.scoring import loss_count, task_loss_sum
 from zolm.train.config import FinetuneConfig
+from zolm.utils.dist import Reducer, all_reduce_
 from zolm.zo.optimizer import DivergenceError, StepRecord, ZOConfig, ZOOptimizer
 from zolm.zo.rng import derive_seed
 from zolm.zo.spsa import ParamSet
 
 
 class ZOMethod:
-    """MeZO: ZO-SGD with the in-place seed trick over the selected parameters."""
+    """MeZO: ZO-SGD with the in-place seed trick over the selected parameters.
+
+    ``step`` takes this worker's micro-batches; their loss sums and counts are added up (and summed across
+    torchrun workers), so the loss is the mean over the whole global batch whatever the split.
+    """
 
     is_zo = True
 
@@ -35,20 +40,26 @@ class ZOMethod:
                                                           sampler=config.sampler, seed=config.seed))
         self.torch_optimizer = None
         self.forwards_per_step = 2 * config.queries
+        self.reducer = Reducer()
 
     @property
     def trainable(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.params.names, self.params.params))
 
-    def loss_fn(self, batch: dict) -> Callable[[], float]:
+    def loss_fn(self, parts: list[dict]) -> Callable[[], float]:
         def fn() -> float:
+            total, count = 0.0, 0
             with torch.inference_mode():
-                return float(task_loss(self.model, batch, self.kind))
+                for mb in parts:
+                    total += float(task_loss_sum(self.model, mb, self.kind))
+                    count += loss_count(mb, self.kind)
+            total, count = self.reducer.sum([total, count])
+            return total / max(count, 1)
         return fn
 
-    def step(self, batch: dict, step: int, lr: float) -> StepRecord:
+    def step(self, parts: list[dict], step: int, lr: float) -> StepRecord:
         self.model.eval()
-        return self.optimizer.step(self.loss_fn(batch), step, lr)
+        return self.optimizer.step(self.loss_fn(parts), step, lr)
 
     def final_model(self):
         return self.model
@@ -71,6 +82,7 @@ class FOMethod:
             for name, p in model.named_parameters():
                 p.requires_grad_(any(r.search(name) for r in inc) and not any(r.search(name) for r in exc))
         self.model = model
+        self.reducer = Reducer()
         named = self.trainable
         if not named:
             raise ZolmError("no trainable parameter: check --train-params / --freeze-params")
@@ -97,15 +109,22 @@ class FOMethod:
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def step(self, batch: dict, step: int, lr: float) -> float:
+    def step(self, parts: list[dict], step: int, lr: float) -> float:
+        """Backward over this worker's micro-batches (loss sums / the global count), gradients summed."""
         self.model.train()
         torch.manual_seed(derive_seed(self.config.seed, step))  # dropout, if the model has any
-        loss = task_loss(self.model, batch, self.kind)
-        value = float(loss.detach())
+        (count,) = self.reducer.sum([sum(loss_count(mb, self.kind) for mb in parts)])
+        value = 0.0
+        for mb in parts:
+            loss = task_loss_sum(self.model, mb, self.kind) / max(count, 1)
+            value += float(loss.detach())
+            loss.backward()
+        (value,) = self.reducer.sum([value])
         if not math.isfinite(value):
             self.torch_optimizer.zero_grad(set_to_none=True)
             raise DivergenceError(f"loss is not finite at step {step} ({value})")
-        loss.backward()
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+        self.reducer.bytes_sent += all_reduce_(grads)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
         for group in self.torch_optimizer.param_groups:

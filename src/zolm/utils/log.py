@@ -18,6 +18,6 @@ def get_logger(name: str = "zolm") -> logging.Logger:
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr, disabled when ZOLM_NO_PROGRESS is set or stderr is not a terminal in CI."""
-    disable = bool(os.environ.get("ZOLM_NO_PROGRESS")) or kwargs.pop("disable", False)
+    """A tqdm bar on stderr, disabled when ZOLM_NO_PROGRESS is set (or ``disable=True``)."""
+    disable = kwargs.pop("disable", False) or bool(os.environ.get("ZOLM_NO_PROGRESS"))
     return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, **kwargs)

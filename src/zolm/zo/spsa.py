@@ -47,6 +47,10 @@ class ParamSet:
                 continue
             self.names.append(name)
             self.params.append(p)
+        offloaded = [n for n, p in zip(self.names, self.params) if p.device.type == "meta"]
+        if offloaded:
+            raise ZolmError(f"{offloaded[0]} is offloaded (meta device): ZO updates need every trainable "
+                            "parameter in memory; use a device_map without disk offload")
         if not self.params:
             raise ZolmError(f"no parameter matches include={list(include or [])} exclude={list(exclude or [])}")
         self.masks: list[torch.Tensor | None] = [None] * len(self.params)
