@@ -167,7 +167,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
             parts = [training_batch([train[i] for i in p], kind, pad) for p in local_parts(idx, config.grad_accum)]
             lr = lr_at(config, step)
             t0 = time.perf_counter()
-            result = method.step(parts, step, lr)
+            result = method.step(parts, step, lr, epoch)
             state["train_time_s"] += time.perf_counter() - t0
             loss = result.loss if method.is_zo else result
             state["forward_passes"] += method.forwards_per_step * len(idx)
@@ -215,9 +215,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         steps_here = max(1, state["step"] - start)
         results.update(workers=dist.world_size(), bytes_sent_per_step=method.reducer.bytes_sent / steps_here)
     if main:
-        if config.method == "fo-lora":
-            method.model.save_pretrained(out / "adapter")
-        models.save(method.final_model(), tok, out / "model")
+        method.save(out, tok)
         atomic_write_json(out / "results.json", results)
         plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
     dist.barrier()

@@ -1,7 +1,13 @@
 """Training methods behind one interface: ZO (MeZO) and first-order baselines (AdamW, SGD, LoRA).
 
-A method owns the model it trains, knows which tensors are trainable (for checkpoints) and performs one
-optimisation step on a batch. The registry ``METHODS`` maps ``--method`` names to builders.
+A method is built as ``Method(model, config, kind)`` and provides:
+    model              the module it trains and evaluates (a peft wrapper for LoRA, ...)
+    trainable          {name: tensor} saved in checkpoints (everything else is the base model's)
+    torch_optimizer    a torch optimiser whose state is checkpointed, or None
+    is_zo, forwards_per_step, reducer (a zolm.utils.dist.Reducer)
+    step(parts, step, lr, epoch) -> StepRecord (ZO, replayable) or float loss (first order)
+    save(out_dir, tokenizer)      writes out_dir/model (and whatever else the method owns)
+The registry ``METHODS`` maps ``--method`` names to these classes.
 """
 
 from __future__ import annotations
@@ -9,9 +15,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from zolm import models
 from zolm.errors import ZolmError
 from zolm.eval.scoring import loss_count, task_loss_sum
 from zolm.train.config import FinetuneConfig
@@ -57,12 +65,12 @@ class ZOMethod:
             return total / max(count, 1)
         return fn
 
-    def step(self, parts: list[dict], step: int, lr: float) -> StepRecord:
+    def step(self, parts: list[dict], step: int, lr: float, epoch: int = 0) -> StepRecord:
         self.model.eval()
         return self.optimizer.step(self.loss_fn(parts), step, lr)
 
-    def final_model(self):
-        return self.model
+    def save(self, out: Path, tokenizer) -> None:
+        models.save(self.model, tokenizer, out / "model")
 
 
 class FOMethod:
@@ -109,7 +117,7 @@ class FOMethod:
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def step(self, parts: list[dict], step: int, lr: float) -> float:
+    def step(self, parts: list[dict], step: int, lr: float, epoch: int = 0) -> float:
         """Backward over this worker's micro-batches (loss sums / the global count), gradients summed."""
         self.model.train()
         torch.manual_seed(derive_seed(self.config.seed, step))  # dropout, if the model has any
@@ -134,11 +142,13 @@ class FOMethod:
         self.model.eval()
         return value
 
-    def final_model(self):
-        """The plain transformers model to save (LoRA merged into the base weights)."""
+    def save(self, out: Path, tokenizer) -> None:
+        """out/model: a plain transformers model (LoRA merged into the base weights); out/adapter for LoRA."""
         if self.config.method == "fo-lora":
-            return self.model.merge_and_unload()
-        return self.model
+            self.model.save_pretrained(out / "adapter")
+            models.save(self.model.merge_and_unload(), tokenizer, out / "model")
+        else:
+            models.save(self.model, tokenizer, out / "model")
 
 
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
