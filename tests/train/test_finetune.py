@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from zolm.errors import ZolmError
+from zolm.train.batches import batch_indices
 from zolm.train.config import FinetuneConfig
-from zolm.train.loop import batch_indices, finetune
+from zolm.train.loop import finetune
 from zolm.zo.replay import replay
 
 

@@ -12,7 +12,8 @@ from zolm.train.config import DEFAULT_LR, METHODS, SCHEDULES, FinetuneConfig
 HELP = {
     "out": "run directory (results, checkpoints, logs); an existing run with the same config resumes",
     "model": "built-in name (smollm2-135m), local directory or Hugging Face id",
-    "task": "task name (sst2, rte, cb, boolq, wsc, wic, multirc, copa, squad)",
+    "task": "task name (sst2, rte, cb, boolq, wsc, wic, multirc, copa, squad), or a comma-separated mixture",
+    "task_weights": "mixture proportions, one per task (default: uniform)",
     "method": f"training method: {', '.join(METHODS)}",
     "data_dir": "folder of <task>/<split>.jsonl files (default: the Hugging Face hub)",
     "lr": "learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
@@ -37,16 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     hints = typing.get_type_hints(FinetuneConfig)
     for f in fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + (["--tasks"] if f.name == "task" else [])
         kind = hints[f.name]
         text = HELP.get(f.name, "")
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is list:
-            p.add_argument(flag, nargs="+", default=None, metavar="X", help=text)
+            item = typing.get_args(kind)[0]
+            p.add_argument(*flags, nargs="+", type=item, default=None, metavar="X", help=text)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            p.add_argument(flag, type=base, default=None, help=text)
+            p.add_argument(*flags, type=base, default=None, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:

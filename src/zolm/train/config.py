@@ -22,7 +22,8 @@ class FinetuneConfig:
 
     out: str = ""
     model: str = "smollm2-135m"
-    task: str = "sst2"
+    task: str = "sst2"  # one task, or a comma-separated mixture ("sst2,rte,boolq")
+    task_weights: list[float] = field(default_factory=list)  # mixture proportions (default: uniform)
     method: str = "mezo"
     data_dir: str | None = None
     dtype: str = "float32"
@@ -75,14 +76,18 @@ class FinetuneConfig:
                 raise ZolmError(f"{name} must be a positive number, got {v}")
         if self.weight_decay < 0 or self.eval_every < 0:
             raise ZolmError("weight_decay and eval_every must be >= 0")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ZolmError(f"task must name one or more distinct tasks, got {self.task!r}")
+        if self.task_weights and len(self.task_weights) != len(self.tasks):
+            raise ZolmError(f"task_weights has {len(self.task_weights)} values for {len(self.tasks)} tasks")
         if self.checkpoint_every is None:
             self.checkpoint_every = self.eval_every
         if self.checkpoint_every < 0:
             raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
     @property
-    def is_zo(self) -> bool:
-        return self.method == "mezo"
+    def tasks(self) -> list[str]:
+        return [t.strip() for t in self.task.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

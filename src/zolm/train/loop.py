@@ -1,4 +1,4 @@
-"""The one training loop of zolm (ZO and first-order alike).
+"""The one training loop of zolm (ZO and first-order alike, one task or a mixture of tasks).
 
 A run directory holds:
     run_config.json   the resolved FinetuneConfig           metrics.jsonl  one JSON line per step / eval
@@ -10,8 +10,8 @@ Data order and ZO seeds are pure functions of (seed, step), so resuming from ``c
 what an uninterrupted run does: the final weights are bit-identical (tested).
 
 Under ``torchrun`` every worker runs this loop on its contiguous share of each global batch (split further into
-``grad_accum`` micro-batches); ZO workers sum two scalars per query, first-order workers sum gradients, and
-only rank 0 writes files.
+``grad_accum`` micro-batches); ZO workers sum two scalars per task and query, first-order workers sum
+gradients, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -23,37 +23,23 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from zolm import models
 from zolm.data.encode import encode_all, training_batch
 from zolm.data.tasks import load_splits
 from zolm.errors import ZolmError
 from zolm.eval.evaluate import evaluate_items
+from zolm.train.batches import Mixture
 from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
 from zolm.train.config import FinetuneConfig
-from zolm.train.methods import build_method
+from zolm.train.methods import StepBatch, build_method
 from zolm.train.plot import plot_loss
 from zolm.utils import dist
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
 from zolm.utils.log import progress
 from zolm.zo.optimizer import DivergenceError
 from zolm.zo.replay import replay_header
-from zolm.zo.rng import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> tuple[list[int], int]:
-    """Example indices of training step ``step`` (1-based) and its epoch: a pure function of its inputs.
-
-    Each epoch is a fresh seeded permutation cut into ``n // batch_size`` full batches (the remainder is
-    dropped); with fewer than ``batch_size`` examples every step uses all of them.
-    """
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step - 1, per_epoch)
-    perm = np.random.default_rng(derive_seed(seed, 0xDA7A, epoch) % (1 << 63)).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size].tolist(), epoch
 
 
 def lr_at(config: FinetuneConfig, step: int) -> float:
@@ -100,20 +86,39 @@ def local_parts(idx: list[int], grad_accum: int) -> list[list[int]]:
 
 
 def _metric(result: dict) -> float:
-    return result.get("accuracy", result.get("f1", float("nan")))
+    """The number best-on-dev selection maximises: accuracy, F1, or the average over a task mixture."""
+    return result.get("average", result.get("accuracy", result.get("f1", float("nan"))))
+
+
+def _flat(prefix: str, result: dict) -> dict:
+    """{'dev_accuracy': ...} for one task, {'dev_sst2_accuracy': ..., 'dev_average': ...} for a mixture."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update({f"{prefix}_{k}_{m}": x for m, x in v.items()})
+        else:
+            out[f"{prefix}_{k}"] = v
+    return out
 
 
 def finetune(config: FinetuneConfig, overwrite: bool = False,
              callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
-    """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; returns the results dict.
+    """Fine-tune ``config.model`` on ``config.task`` (one task or a comma-separated mixture).
 
-    ``callbacks`` are called as ``cb(step, record)`` after every step (tests use one to interrupt a run).
+    Returns the results dict. ``callbacks`` are called as ``cb(step, record)`` after every step (tests use
+    one to interrupt a run).
     """
     distributed = dist.init(config.device)
     main = dist.is_main()
     if config.batch_size < dist.world_size() * config.grad_accum:
         raise ZolmError(f"batch_size {config.batch_size} is smaller than workers x grad_accum "
                         f"({dist.world_size()} x {config.grad_accum})")
+    names = config.tasks
+    all_splits = [load_splits(t, config.data_dir, config.num_train, config.num_dev, config.num_test,
+                              config.data_seed) for t in names]  # bad data fails here, before the model loads
+    for name, s in zip(names, all_splits):
+        if not s.train:
+            raise ZolmError(f"task {name} has no training examples with these settings")
     resume = _prepare_out(config, overwrite) if main else None
     dist.barrier()
     out = Path(config.out)
@@ -121,16 +126,13 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         resume = json.loads((out / "checkpoint" / "state.json").read_text())
     if main:
         atomic_write_json(out / "run_config.json", config.to_dict())
-    splits = load_splits(config.task, config.data_dir, config.num_train, config.num_dev, config.num_test,
-                         config.data_seed)  # bad data fails here, before the model loads
-    if not splits.train:
-        raise ZolmError(f"task {config.task} has no training examples with these settings")
     model, tok = models.load(config.model, config.dtype, device=config.device, device_map=config.device_map)
-    kind = splits.task.kind
-    train = encode_all(tok, splits.train, config.max_length)
-    dev = encode_all(tok, splits.dev, config.max_length)
-    test = encode_all(tok, splits.test, config.max_length)
-    method = build_method(model, config, kind)
+    kinds = [s.task.kind for s in all_splits]
+    train = [encode_all(tok, s.train, config.max_length) for s in all_splits]
+    dev = [encode_all(tok, s.dev, config.max_length) for s in all_splits]
+    test = [encode_all(tok, s.test, config.max_length) for s in all_splits]
+    mixture = Mixture([len(t) for t in train], config.batch_size, config.seed, config.task_weights or None)
+    method = build_method(model, config)
     trainable = method.trainable
     state = {"step": 0, "best_step": None, "best_dev": None, "before": None, "forward_passes": 0,
              "train_time_s": 0.0, "config": config.to_dict()}
@@ -145,51 +147,58 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None) if main else _Quiet()
         if not resume:
             replay.write(replay_header(config.model, config.dtype, config.train_params, config.freeze_params,
-                                       method.optimizer.header()))
+                                       method.replay_header()))
     pad = tok.pad_token_id
 
-    def evaluate(items, desc):
-        return evaluate_items(method.model, tok, items, kind, config.eval_batch_size, desc)
+    def evaluate(split: list, desc: str) -> dict:
+        results = {n: evaluate_items(method.model, tok, items, k, config.eval_batch_size, f"{desc} {n}")
+                   for n, items, k in zip(names, split, kinds) if items}
+        if len(names) == 1:
+            return next(iter(results.values()), {})
+        results["average"] = sum(_metric(r) for r in results.values()) / max(1, len(results))
+        return results
 
-    if config.eval_before and state["before"] is None and test:
+    if config.eval_before and state["before"] is None and any(test):
         state["before"] = evaluate(test, "test (before)")
-        metrics.write({"step": 0, **{f"test_{k}": v for k, v in state["before"].items()}})
+        metrics.write({"step": 0, **_flat("test", state["before"])})
 
-    def save_ckpt():
-        if main:
-            save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
-
+    title = f"{config.method} on {config.task}"
     bar = progress(range(start + 1, config.steps + 1), desc=f"{config.method} {config.task}",
                    initial=start, total=config.steps, disable=not main)
     try:
         for step in bar:
-            idx, epoch = batch_indices(len(train), config.batch_size, config.seed, step)
-            parts = [training_batch([train[i] for i in p], kind, pad) for p in local_parts(idx, config.grad_accum)]
+            per_task, epoch = mixture.step(step)
+            batch = StepBatch(
+                parts=[(t, training_batch([train[t][i] for i in p], kinds[t], pad))
+                       for t, idx in enumerate(per_task) for p in local_parts(idx, config.grad_accum)],
+                kinds=kinds, weights=[len(idx) / config.batch_size for idx in per_task])
             lr = lr_at(config, step)
             t0 = time.perf_counter()
-            result = method.step(parts, step, lr, epoch)
+            result = method.step(batch, step, lr, epoch)
             state["train_time_s"] += time.perf_counter() - t0
             loss = result.loss if method.is_zo else result
-            state["forward_passes"] += method.forwards_per_step * len(idx)
+            state["forward_passes"] += method.forwards_per_step * sum(len(i) for i in per_task)
             record = {"step": step, "loss": loss, "lr": lr, "epoch": epoch, "forward_passes": state["forward_passes"]}
+            if len(names) > 1:
+                record["task_loss"] = dict(zip(names, method.last_task_losses))
             metrics.write(record)
             if replay is not None:
                 replay.write(result.to_json())
             bar.set_postfix(loss=f"{loss:.4f}")
             for cb in callbacks:
                 cb(step, record)
-            if dev and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+            if any(dev) and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
                 res = evaluate(dev, f"dev @{step}")
-                metrics.write({"step": step, **{f"dev_{k}": v for k, v in res.items()}})
+                metrics.write({"step": step, **_flat("dev", res)})
                 if state["best_dev"] is None or _metric(res) > _metric(state["best_dev"]):
                     state["best_dev"], state["best_step"] = res, step
                     if main:
                         save_checkpoint(out / "best", trainable, {"step": step, "dev": res})
                 if main:
-                    plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
+                    plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", title)
             state["step"] = step
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
-                save_ckpt()
+            if main and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
+                save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
     except DivergenceError as e:
         metrics.write({"step": state["step"] + 1, "event": "diverged", "message": str(e)})
         if main:
@@ -206,7 +215,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         weights, _ = load_checkpoint(out / "best")
         copy_into(trainable, weights)
     selected = state["best_step"] or config.steps
-    after = evaluate(test, "test (after)") if test else {}
+    after = evaluate(test, "test (after)") if any(test) else {}
     if replay is not None:
         replay.write({"event": "end", "selected_step": selected})
         replay.close()
@@ -217,7 +226,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     if main:
         method.save(out, tok)
         atomic_write_json(out / "results.json", results)
-        plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", f"{config.method} on {config.task}")
+        plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", title)
     dist.barrier()
     return results
 
@@ -230,4 +239,3 @@ def _summary(config: FinetuneConfig, state: dict) -> dict:
     return {"task": config.task, "method": config.method, "model": config.model, "steps": state["step"],
             "before": state["before"], "best_dev": state["best_dev"], "best_step": state["best_step"],
             "forward_passes": state["forward_passes"], "train_time_s": round(state["train_time_s"], 2)}
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,17 +30,45 @@ from zolm.zo.rng import derive_seed
 from zolm.zo.spsa import ParamSet
 
 
+@dataclass
+class StepBatch:
+    """One training step's data on this worker.
+
+    ``parts`` are (task index, micro-batch) pairs; ``weights[t]`` is task t's share of the global batch.
+    The step's loss is ``sum_t weights[t] * L_t`` where ``L_t`` is task t's loss over the whole global batch
+    (its loss sums and counts added up over micro-batches and workers), i.e. for one task exactly the loss
+    of one big batch, however it is split.
+    """
+
+    parts: list[tuple[int, dict]]
+    kinds: list[str]
+    weights: list[float]
+
+    def local_counts(self) -> list[int]:
+        counts = [0] * len(self.kinds)
+        for t, b in self.parts:
+            counts[t] += loss_count(b, self.kinds[t])
+        return counts
+
+
+def combine(batch: StepBatch, sums: list[float], counts: list[float]) -> tuple[float, list[float]]:
+    """(weighted loss, per-task losses) from global per-task loss sums and counts."""
+    per_task = [s / c if c else float("nan") for s, c in zip(sums, counts)]
+    return sum(w * x for w, x, c in zip(batch.weights, per_task, counts) if c), per_task
+
+
 class ZOMethod:
     """MeZO: ZO-SGD with the in-place seed trick over the selected parameters.
 
-    ``step`` takes this worker's micro-batches; their loss sums and counts are added up (and summed across
-    torchrun workers), so the loss is the mean over the whole global batch whatever the split.
+    Each loss evaluation sums per-task loss sums and counts over this worker's micro-batches, then across
+    torchrun workers (2 scalars per task: the only traffic; weights never travel).
     """
 
     is_zo = True
 
-    def __init__(self, model, config: FinetuneConfig, kind: str):
-        self.model, self.kind = model, kind
+    def __init__(self, model, config: FinetuneConfig):
+        self.model = model
+        self.last_task_losses: list[float] = []
         for p in model.parameters():  # ZO needs no autograd graph; inference_mode is used anyway
             p.requires_grad_(False)
         self.params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
@@ -54,20 +83,28 @@ class ZOMethod:
     def trainable(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.params.names, self.params.params))
 
-    def loss_fn(self, parts: list[dict]) -> Callable[[], float]:
+    def replay_header(self) -> dict:
+        return self.optimizer.header()
+
+    def loss_fn(self, batch: StepBatch) -> Callable[[], float]:
+        n = len(batch.kinds)
+        seen: list[list[float]] = []
+
         def fn() -> float:
-            total, count = 0.0, 0
+            sums = [0.0] * n
             with torch.inference_mode():
-                for mb in parts:
-                    total += float(task_loss_sum(self.model, mb, self.kind))
-                    count += loss_count(mb, self.kind)
-            total, count = self.reducer.sum([total, count])
-            return total / max(count, 1)
+                for t, mb in batch.parts:
+                    sums[t] += float(task_loss_sum(self.model, mb, batch.kinds[t]))
+            reduced = self.reducer.sum(sums + batch.local_counts())
+            loss, per_task = combine(batch, reduced[:n], reduced[n:])
+            seen.append(per_task)
+            self.last_task_losses = [sum(v) / len(seen) for v in zip(*seen)]  # mean over this step's calls
+            return loss
         return fn
 
-    def step(self, parts: list[dict], step: int, lr: float, epoch: int = 0) -> StepRecord:
+    def step(self, batch: StepBatch, step: int, lr: float, epoch: int = 0) -> StepRecord:
         self.model.eval()
-        return self.optimizer.step(self.loss_fn(parts), step, lr)
+        return self.optimizer.step(self.loss_fn(batch), step, lr)
 
     def save(self, out: Path, tokenizer) -> None:
         models.save(self.model, tokenizer, out / "model")
@@ -79,8 +116,9 @@ class FOMethod:
     is_zo = False
     forwards_per_step = 1
 
-    def __init__(self, model, config: FinetuneConfig, kind: str):
-        self.kind, self.config = kind, config
+    def __init__(self, model, config: FinetuneConfig):
+        self.config = config
+        self.last_task_losses: list[float] = []
         torch.manual_seed(config.seed)  # LoRA initialisation
         if config.method == "fo-lora":
             model = self._wrap_lora(model, config)
@@ -117,17 +155,18 @@ class FOMethod:
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def step(self, parts: list[dict], step: int, lr: float, epoch: int = 0) -> float:
-        """Backward over this worker's micro-batches (loss sums / the global count), gradients summed."""
+    def step(self, batch: StepBatch, step: int, lr: float, epoch: int = 0) -> float:
+        """Backward of sum_t w_t * (loss sum of t / global count of t) over this worker's micro-batches."""
         self.model.train()
         torch.manual_seed(derive_seed(self.config.seed, step))  # dropout, if the model has any
-        (count,) = self.reducer.sum([sum(loss_count(mb, self.kind) for mb in parts)])
-        value = 0.0
-        for mb in parts:
-            loss = task_loss_sum(self.model, mb, self.kind) / max(count, 1)
-            value += float(loss.detach())
-            loss.backward()
-        (value,) = self.reducer.sum([value])
+        n = len(batch.kinds)
+        counts = self.reducer.sum(batch.local_counts())
+        sums = [0.0] * n
+        for t, mb in batch.parts:
+            loss_sum = task_loss_sum(self.model, mb, batch.kinds[t])
+            sums[t] += float(loss_sum.detach())
+            (batch.weights[t] * loss_sum / max(counts[t], 1)).backward()
+        value, self.last_task_losses = combine(batch, self.reducer.sum(sums), counts)
         if not math.isfinite(value):
             self.torch_optimizer.zero_grad(set_to_none=True)
             raise DivergenceError(f"loss is not finite at step {step} ({value})")
@@ -154,5 +193,5 @@ class FOMethod:
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
 
 
-def build_method(model, config: FinetuneConfig, kind: str):
-    return METHODS[config.method](model, config, kind)
+def build_method(model, config: FinetuneConfig):
+    return METHODS[config.method](model, config)
