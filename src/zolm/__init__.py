@@ -18,7 +18,7 @@ _LAZY = {
     "save": ("zolm.models", "save"),
     "FinetuneConfig": ("zolm.train.config", "FinetuneConfig"),
     "finetune": ("zolm.train.loop", "finetune"),
-    "replay": ("zolm.zo.replay", "replay"),
+    "replay": ("zolm.train.replay", "replay"),
     "ZolmError": ("zolm.errors", "ZolmError"),
     "TASKS": ("zolm.data.tasks", "TASKS"),
 }

@@ -17,11 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zolm import models
-    from zolm.zo.replay import replay
+    from zolm.train.replay import replay
 
-    model, tok, step = replay(args.log, args.base, args.step)
-    models.save(model, tok, args.out)
+    method, tok, step = replay(args.log, args.base, args.step)
+    method.save_model(Path(args.out), tok)
     size = Path(args.log).stat().st_size
     print(f"replayed {step} steps from {args.log} ({size / 1024:.1f} KiB) onto {args.base}; saved {args.out}")
     return 0

@@ -132,7 +132,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     dev = [encode_all(tok, s.dev, config.max_length) for s in all_splits]
     test = [encode_all(tok, s.test, config.max_length) for s in all_splits]
     mixture = Mixture([len(t) for t in train], config.batch_size, config.seed, config.task_weights or None)
-    method = build_method(model, config)
+    method = build_method(model, config, run_dir=out)
     trainable = method.trainable
     state = {"step": 0, "best_step": None, "best_dev": None, "before": None, "forward_passes": 0,
              "train_time_s": 0.0, "config": config.to_dict()}
@@ -146,8 +146,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     if method.is_zo:
         replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None) if main else _Quiet()
         if not resume:
-            replay.write(replay_header(config.model, config.dtype, config.train_params, config.freeze_params,
-                                       method.replay_header()))
+            replay.write(replay_header(config.to_dict(), method.optimizer.header()))
     pad = tok.pad_token_id
 
     def evaluate(split: list, desc: str) -> dict:

@@ -66,7 +66,7 @@ class ZOMethod:
 
     is_zo = True
 
-    def __init__(self, model, config: FinetuneConfig):
+    def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
         self.model = model
         self.last_task_losses: list[float] = []
         for p in model.parameters():  # ZO needs no autograd graph; inference_mode is used anyway
@@ -82,9 +82,6 @@ class ZOMethod:
     @property
     def trainable(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.params.names, self.params.params))
-
-    def replay_header(self) -> dict:
-        return self.optimizer.header()
 
     def loss_fn(self, batch: StepBatch) -> Callable[[], float]:
         n = len(batch.kinds)
@@ -106,8 +103,11 @@ class ZOMethod:
         self.model.eval()
         return self.optimizer.step(self.loss_fn(batch), step, lr)
 
+    def save_model(self, path: Path, tokenizer) -> None:
+        models.save(self.model, tokenizer, path)
+
     def save(self, out: Path, tokenizer) -> None:
-        models.save(self.model, tokenizer, out / "model")
+        self.save_model(out / "model", tokenizer)
 
 
 class FOMethod:
@@ -116,7 +116,7 @@ class FOMethod:
     is_zo = False
     forwards_per_step = 1
 
-    def __init__(self, model, config: FinetuneConfig):
+    def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
         self.config = config
         self.last_task_losses: list[float] = []
         torch.manual_seed(config.seed)  # LoRA initialisation
@@ -193,5 +193,6 @@ class FOMethod:
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
 
 
-def build_method(model, config: FinetuneConfig):
-    return METHODS[config.method](model, config)
+def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):
+    """The method ``config.method`` around ``model``; ``run_dir`` holds method artefacts (e.g. masks)."""
+    return METHODS[config.method](model, config, run_dir)
