@@ -43,7 +43,8 @@ def test_multirc_is_flattened(data_dir):
 
 
 def test_unknown_task_lists_the_valid_ones():
-    with pytest.raises(ZolmError, match=r"unknown task 'sst3'; valid: boolq, cb, copa, multirc, rte, squad, sst2"):
+    with pytest.raises(ZolmError, match=r"unknown task 'sst3'; valid: arc_challenge, arc_easy, boolq, cb, copa, "
+                                        r"multirc, openbookqa, piqa, rte, squad, sst2, wic, winogrande, wsc$"):
         get_task("sst3")
 
 

@@ -1,4 +1,9 @@
-"""``zolm eval``: task accuracy / F1 or text perplexity of a model or a saved result."""
+"""``zolm eval``: task accuracy / F1, a zero-shot suite, or text perplexity of a model or a saved result.
+
+Perplexity follows Wanda's protocol (``zolm.eval.perplexity``): the text is tokenised once and scored in
+non-overlapping windows of ``--seq-len`` tokens, by default min(2048, the model's max_position_embeddings),
+i.e. 2048 for SmolLM2 (context 8192) and LLaMA; ``--max-windows`` scores only the first N windows.
+"""
 
 from __future__ import annotations
 
@@ -8,59 +13,92 @@ from pathlib import Path
 
 from zolm.errors import ZolmError
 
+DEFAULT_WINDOW = 2048
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a task or measure perplexity",
+    p = sub.add_parser("eval", help="evaluate a model on tasks or measure perplexity",
                        description="Prints one JSON line of metrics.")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, local directory or hub id")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--task", help="task to evaluate (accuracy, or F1 for squad)")
+    p.add_argument("--tasks", help="comma-separated tasks, scored zero-shot, with their average accuracy; "
+                                   "'zero-shot' = piqa,arc_easy,arc_challenge,winogrande,openbookqa,boolq,rte")
     p.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: the hub)")
-    p.add_argument("--num-test", type=int, default=1000)
+    p.add_argument("--num-test", type=int, default=1000, help="examples per task (a seeded sample)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--perplexity", metavar="TEXT",
                    help="a raw text file (e.g. wikitext2/wiki.test.raw), or 'wikitext2' to use --data-dir's copy")
-    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: min(2048, model max))")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"perplexity window (default: min({DEFAULT_WINDOW}, the model's max positions))")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
 
 
+def parse_tasks(text: str | None) -> list[str]:
+    """``--tasks`` value -> task names (checked against the registry); ``zero-shot`` expands to the suite."""
+    from zolm.data.tasks import ZERO_SHOT, get_task
+
+    if not text:
+        return []
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        for name in (ZERO_SHOT if part == "zero-shot" else (part,)):
+            get_task(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ZolmError(f"--tasks {text!r} names no task")
+    return names
+
+
+def text_path(value: str, data_dir: str | None) -> Path:
+    """The perplexity text: a file, or ``wikitext2`` = ``<data_dir>/wikitext2/wiki.test.raw``."""
+    path = Path(value)
+    if value == "wikitext2":
+        if not data_dir:
+            raise ZolmError("--perplexity wikitext2 needs --data-dir (holding wikitext2/wiki.test.raw)")
+        path = Path(data_dir) / "wikitext2" / "wiki.test.raw"
+    if not path.is_file():
+        raise ZolmError(f"no such text file: {path}")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.task and not args.perplexity:
-        raise ZolmError("give --task and/or --perplexity")
+    if not args.task and not args.tasks and not args.perplexity:
+        raise ZolmError("give --task and/or --perplexity, or --tasks")
     from zolm import models
+    from zolm.data.tasks import load_splits
 
-    text_path = None
-    if args.perplexity:
-        text_path = Path(args.perplexity)
-        if args.perplexity == "wikitext2":
-            if not args.data_dir:
-                raise ZolmError("--perplexity wikitext2 needs --data-dir (holding wikitext2/wiki.test.raw)")
-            text_path = Path(args.data_dir) / "wikitext2" / "wiki.test.raw"
-        if not text_path.is_file():
-            raise ZolmError(f"no such text file: {text_path}")
-    splits = None
-    if args.task:
-        from zolm.data.tasks import load_splits
-
-        splits = load_splits(args.task, args.data_dir, num_train=0, num_dev=0, num_test=args.num_test,
-                             seed=args.data_seed)
+    text = text_path(args.perplexity, args.data_dir) if args.perplexity else None
+    names = ([args.task] if args.task else []) + [t for t in parse_tasks(args.tasks) if t != args.task]
+    splits = {name: load_splits(name, args.data_dir, num_train=0, num_dev=0, num_test=args.num_test,
+                                seed=args.data_seed) for name in names}  # data errors before the model loads
     model, tok = models.load(args.model, args.dtype)
     result: dict = {"model": args.model}
-    if splits is not None:
+    if splits:
         from zolm.data.encode import encode_all
         from zolm.eval.evaluate import evaluate_items
 
-        items = encode_all(tok, splits.test, args.max_length)
-        result.update({"task": args.task, **evaluate_items(model, tok, items, splits.task.kind, args.batch_size)})
-    if text_path is not None:
+        scores = {name: evaluate_items(model, tok, encode_all(tok, s.test, args.max_length), s.task.kind,
+                                       args.batch_size, desc=name) for name, s in splits.items()}
+        if args.task:
+            result.update({"task": args.task, **scores[args.task]})
+        if args.tasks:
+            chosen = parse_tasks(args.tasks)
+            result["tasks"] = {name: scores[name] for name in chosen}
+            accs = [scores[name]["accuracy"] for name in chosen if "accuracy" in scores[name]]
+            result["average_accuracy"] = sum(accs) / len(accs) if accs else None
+    if text is not None:
         import torch
 
         from zolm.eval.perplexity import perplexity, read_wikitext
 
-        ids = torch.tensor(tok(read_wikitext(text_path))["input_ids"], dtype=torch.long)
-        seq_len = args.seq_len or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-        result.update({"text": str(text_path), **perplexity(model, ids, seq_len, args.max_windows)})
+        ids = torch.tensor(tok(read_wikitext(text))["input_ids"], dtype=torch.long)
+        seq_len = args.seq_len or min(DEFAULT_WINDOW, getattr(model.config, "max_position_embeddings", DEFAULT_WINDOW))
+        result.update({"text": str(text), **perplexity(model, ids, seq_len, args.max_windows)})
     print(json.dumps(result))
     return 0

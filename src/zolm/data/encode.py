@@ -2,9 +2,10 @@
 
 Each candidate becomes one token sequence ``tok(prompt + candidate)``; its option tokens are the last
 ``len(tok(prompt + candidate)) - len(tok(prompt))`` tokens. Computing the option length by this difference
-(not by tokenising the candidate alone) handles BPE merges at the boundary. Sequences longer than
-``max_length`` are truncated on the left, keeping a leading BOS token if the tokenizer adds one. Batches are
-left-padded so that every sequence's option tokens end at the last position.
+(not by tokenising the candidate alone) handles BPE merges at the boundary. An example may give each candidate
+its own prompt (``Example.prompts``: WinoGrande's partial scoring); the rule then applies per candidate.
+Sequences longer than ``max_length`` are truncated on the left, keeping a leading BOS token if the tokenizer
+adds one. Batches are left-padded so that every sequence's option tokens end at the last position.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def encode_example(tokenizer, ex: Example, max_length: int = 1024) -> Encoded:
     prompt_ids = tokenizer(prompt)["input_ids"]
     bos = tokenizer.bos_token_id if prompt_ids and prompt_ids[0] == tokenizer.bos_token_id else None
     seqs, lens = [], []
-    for cand in ex.candidates:
-        ids = tokenizer((ex.prompt + cand).strip(" "))["input_ids"]
-        n_opt = len(ids) - len(prompt_ids)
+    for i, cand in enumerate(ex.candidates):
+        own = ex.prompt_for(i)  # per-candidate prompts (partial scoring) differ from ``prompt``
+        own_ids = prompt_ids if own == ex.prompt else tokenizer(own.strip(" "))["input_ids"]
+        ids = tokenizer((own + cand).strip(" "))["input_ids"]
+        n_opt = len(ids) - len(own_ids)
         if n_opt <= 0:
-            raise ZolmError(f"candidate {cand!r} adds no token to the prompt {prompt[-40:]!r}")
+            raise ZolmError(f"candidate {cand!r} adds no token to the prompt {own.strip(' ')[-40:]!r}")
         if n_opt >= max_length:
             raise ZolmError(f"candidate of {n_opt} tokens does not fit max_length={max_length}")
         seqs.append(_truncate(ids, max_length, bos))

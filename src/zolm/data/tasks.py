@@ -5,6 +5,10 @@ num_dev`` examples, the last ``num_dev`` of them being the dev set; the test set
 examples of a seeded permutation of the validation split (SuperGLUE test labels are hidden). Defaults:
 1000 / 500 / 1000, CB and COPA 100 dev.
 
+Zero-shot multiple-choice tasks (``ZERO_SHOT``: PIQA, ARC-Easy, ARC-Challenge, WinoGrande, OpenBookQA, plus
+BoolQ and RTE) are scored on their evaluation split: ``validation`` for PIQA and WinoGrande (test labels are
+hidden), ``test`` for ARC and OpenBookQA, as lm-eval-harness does.
+
 When a task has no train split at hand (the local BoolQ and SQuAD copies hold only validation), train and
 dev are carved from the validation split instead: test takes the first ``min(num_test, half)`` of its
 permutation and train/dev come from the rest, so the three sets never overlap.
@@ -71,7 +75,20 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _spec("copa", "multiple_choice", ["premise", "choice1", "choice2", "question", "label"],
           ("super_glue", "copa"), num_dev=100),
     _spec("squad", "generation", ["title", "context", "question", "answers"], ("squad", None), metric="f1"),
+    # zero-shot suite of the pruning papers (templates.py: "Question: ...\nAnswer:" + " <choice>")
+    _spec("piqa", "multiple_choice", ["goal", "sol1", "sol2", "label"], ("piqa", None)),
+    _spec("arc_easy", "multiple_choice", ["question", "choices", "answerKey"], ("ai2_arc", "ARC-Easy"),
+          test_split="test"),
+    _spec("arc_challenge", "multiple_choice", ["question", "choices", "answerKey"], ("ai2_arc", "ARC-Challenge"),
+          test_split="test"),
+    _spec("winogrande", "multiple_choice", ["sentence", "option1", "option2", "answer"],
+          ("winogrande", "winogrande_xl")),
+    _spec("openbookqa", "multiple_choice", ["question_stem", "choices", "answerKey"], ("openbookqa", "main"),
+          test_split="test"),
 ]}
+
+# The zero-shot suite Wanda and Wanda++ report (HellaSwag is not in the local data; see docs/pruning.md).
+ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "rte")
 
 
 def get_task(name: str) -> TaskSpec:

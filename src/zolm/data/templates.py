@@ -19,6 +19,11 @@ class Example:
     candidates: tuple[str, ...]
     gold: int
     answers: tuple[str, ...] = ()  # reference answers of generation tasks (SQuAD), for EM/F1
+    prompts: tuple[str, ...] = ()  # one prompt per candidate (partial scoring, WinoGrande); overrides ``prompt``
+
+    def prompt_for(self, i: int) -> str:
+        """The prompt candidate ``i`` continues."""
+        return self.prompts[i] if self.prompts else self.prompt
 
 
 def sst2(row: dict) -> Example:
@@ -81,3 +86,46 @@ def squad(row: dict) -> Example:
     answers = tuple(row["answers"]["text"])
     prompt = f"Title: {row['title']}\nContext: {row['context']}\nQuestion: {row['question'].strip()}\nAnswer:"
     return Example(prompt, (f" {answers[0]}\n",), 0, answers)
+
+
+# Zero-shot multiple-choice tasks (the pruning papers' suite). GPT-3 / MeZO style: "Question: ...\nAnswer:" and
+# each choice appended after a space; scored by the mean log-probability of the choice's tokens.
+
+
+def _qa(question: str, choices: list[str], gold: int) -> Example:
+    return Example(f"Question: {question.strip()}\nAnswer:", tuple(" " + c.strip() for c in choices), gold)
+
+
+def piqa(row: dict) -> Example:
+    """PIQA: the goal as the question, the two solutions as choices (label 0 -> sol1)."""
+    return _qa(row["goal"], [row["sol1"], row["sol2"]], int(row["label"]))
+
+
+def _arc(row: dict) -> Example:
+    """ARC (ai2_arc schema): 3-5 choices; the gold one is the position of ``answerKey`` among the labels."""
+    labels = [str(x) for x in row["choices"]["label"]]
+    return _qa(row["question"], list(row["choices"]["text"]), labels.index(str(row["answerKey"]).strip()))
+
+
+arc_easy = _arc
+arc_challenge = _arc
+
+
+def openbookqa(row: dict) -> Example:
+    """OpenBookQA (main): ``question_stem`` as the question, four choices, ``answerKey`` A-D."""
+    labels = [str(x) for x in row["choices"]["label"]]
+    return _qa(row["question_stem"], list(row["choices"]["text"]), labels.index(str(row["answerKey"]).strip()))
+
+
+def winogrande(row: dict) -> Example:
+    """WinoGrande with partial scoring (Trinh & Le 2018; GPT-3 and lm-eval-harness do the same).
+
+    The sentence is cut at its blank "_": candidate i's prompt is the part before the blank with option i filled
+    in, and every candidate is the same continuation (the part after the blank), so the score compares
+    log p(continuation | prefix with option i). ``answer`` "1" / "2" -> gold 0 / 1.
+    """
+    sentence = row["sentence"]
+    cut = sentence.index("_")
+    prompts = tuple(sentence[:cut] + row[f"option{k}"] for k in (1, 2))
+    rest = " " + sentence[cut + 1:].strip()
+    return Example(prompts[0], (rest, rest), int(row["answer"]) - 1, prompts=prompts)

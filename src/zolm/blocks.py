@@ -1,0 +1,187 @@
+"""Decoder blocks of any decoder-only ``transformers`` model: find them, find their linear layers, run one alone.
+
+Block-wise pruning (Wanda, SparseGPT, Wanda++) needs four things, resolved here once for every model family
+instead of once per family (Wanda's repository has ``prune.py`` and a near-copy ``prune_opt.py``):
+
+* :func:`decoder_blocks`: the block list. It is found by structure, not by name: the ``nn.ModuleList`` whose
+  children are all of one class and hold linear layers, and which has the most parameters (Llama, Qwen2 and
+  Mistral ``model.layers``, OPT ``model.decoder.layers``, GPT-2 ``transformer.h``). A model without such a list
+  gets a one-line :class:`~zolm.errors.ZolmError`.
+* :func:`linear_layers`: the prunable layers of a block by name: ``nn.Linear`` and GPT-2's ``Conv1D`` (a linear
+  layer whose weight is stored transposed, ``[in, out]``); :func:`out_in` gives every weight as ``[out, in]``.
+* :func:`capture_block_inputs`: the inputs of block 0 for calibration sequences, plus every other argument the
+  model passes to its blocks (attention mask, position ids, rotary ``position_embeddings``, cache flags...).
+  A forward pre-hook with ``with_kwargs=True`` records them while the model runs with its block list cut down to
+  block 0, so no exception is used as control flow and the remaining blocks and the LM head never run.
+* :func:`run_block`: one block on a micro-batch of hidden states with those arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from zolm.errors import ZolmError
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def out_in(layer: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer``'s weight data (or a tensor of the weight's shape) as ``[out_features, in_features]``.
+
+    For ``nn.Linear`` this is the tensor itself; for ``Conv1D`` (weight ``[in, out]``) it is the transpose, a
+    view, so in-place writes such as ``out_in(layer).masked_fill_(...)`` reach the stored weight.
+    """
+    t = layer.weight.data if tensor is None else tensor
+    return t if isinstance(layer, nn.Linear) else t.t()
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(is_linear(m) for m in module.modules())
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(qualified name, list)`` of the model's decoder blocks (see the module docstring for the rule)."""
+    best: tuple[int, int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or not _holds_linear(module[0]):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        key = (size, -name.count("."))  # most parameters; the shallowest list on a tie
+        if best is None or key > best[:2]:
+            best = (*key, name, module)
+    if best is None:
+        raise ZolmError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
+                        "same-class modules holding linear layers")
+    return best[2], best[3]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks, in execution order."""
+    return find_block_list(model)[1]
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of one block by their name inside it (``self_attn.q_proj``, ``mlp.down_proj``...)."""
+    layers = {name: m for name, m in block.named_modules() if name and is_linear(m)}
+    if not layers:
+        raise ZolmError(f"block {type(block).__name__} has no linear layers to prune")
+    return layers
+
+
+@dataclass
+class BlockInputs:
+    """What a decoder block is called with: hidden states of N sequences and the shared other arguments.
+
+    ``args``/``kwargs`` were captured with a batch of one sequence; tensors in them (causal mask ``[1, 1, L, L]``,
+    position ids ``[1, L]``, rotary cos/sin ``[1, L, d]``) broadcast over any micro-batch of the same length.
+    """
+
+    hidden: torch.Tensor  # [N, L, H]
+    args: tuple = ()  # positional arguments after the hidden states (GPT-2 passes the mask positionally)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    hidden_key: str | None = None  # the keyword the hidden states came as, if not positional
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def cast(self, dtype: torch.dtype) -> BlockInputs:
+        """A copy whose floating-point tensors (hidden states, masks, cos/sin) have ``dtype``."""
+        return BlockInputs(self.hidden.to(dtype), _cast(self.args, dtype), _cast(self.kwargs, dtype),
+                           self.hidden_key)
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor) -> torch.Tensor:
+    """Run one block on ``hidden`` ([B, L, H]) with the captured arguments; returns the output hidden states."""
+    if inputs.hidden_key is None:
+        out = block(hidden, *inputs.args, **inputs.kwargs)
+    else:
+        out = block(*inputs.args, **{inputs.hidden_key: hidden}, **inputs.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def _only_first_block(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily replace the block list by a list holding only block 0; yields block 0."""
+    name, blocks = find_block_list(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.ModuleList([blocks[0]]))
+    try:
+        yield blocks[0]
+    finally:
+        setattr(parent, attr, blocks)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
+    """Inputs of block 0 for every row of ``input_ids`` ([N, L]) and the arguments the model passes to blocks.
+
+    Only the embedding layers, block 0 and the final norm run (one sequence at a time); the LM head is skipped
+    by calling the model's backbone (``model.base_model``). The hidden states are stored in the model's dtype on
+    its device: N x L x H values, the one activation buffer pruning keeps besides the dense-output buffer.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        raise ZolmError(f"calibration ids must be a non-empty [N, L] tensor, got shape {tuple(input_ids.shape)}")
+    backbone = getattr(model, "base_model", model)
+    param = next(model.parameters())
+    hidden = None
+    captured: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args:
+            captured.update(hidden=args[0], args=args[1:], kwargs=dict(kwargs), key=None)
+        else:
+            kw = dict(kwargs)
+            captured.update(hidden=kw.pop("hidden_states"), args=(), kwargs=kw, key="hidden_states")
+
+    with _only_first_block(model) as first:
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for i in range(input_ids.shape[0]):
+                captured.clear()
+                backbone(input_ids=input_ids[i:i + 1].to(param.device), use_cache=False)
+                if "hidden" not in captured:
+                    raise ZolmError(f"{type(model).__name__} never called its first decoder block")
+                if hidden is None:
+                    hidden = torch.empty((input_ids.shape[0], *captured["hidden"].shape[1:]),
+                                         dtype=captured["hidden"].dtype, device=captured["hidden"].device)
+                    args, kwargs, key = captured["args"], captured["kwargs"], captured["key"]
+                hidden[i] = captured["hidden"][0]
+        finally:
+            handle.remove()
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return BlockInputs(hidden, args, kwargs, key)
