@@ -104,3 +104,25 @@ def test_round_coef_makes_products_exact():
 def test_bad_sampler_is_a_clear_error():
     with pytest.raises(ZolmError, match="unknown sampler 'gauss'.*ih4"):
         rng.axpy_z_(torch.zeros(3), (1, 2), 1.0, "gauss")
+
+
+def test_mask_packing_round_trips_and_matches_numpy():
+    import numpy as np
+
+    for n in [1, 8, 13, 1000]:
+        m = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4
+        packed = rng.pack_mask(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+        assert torch.equal(rng.unpack_mask(packed, n), m)
+        assert packed.tolist() == np.packbits(m.numpy(), bitorder="little").tolist()
+
+
+def test_packed_and_bool_masks_give_the_same_result(monkeypatch):
+    p = torch.randn(70_001)
+    mask = torch.rand(70_001, generator=torch.Generator().manual_seed(3)) < 0.1
+    a, b, c = p.clone(), p.clone(), p.clone()
+    rng.axpy_z_(a, (5, 6), 0.01, mask=mask)
+    rng.axpy_z_(b, (5, 6), 0.01, mask=rng.pack_mask(mask))
+    _with_torch_kernel(monkeypatch, lambda: rng.axpy_z_(c, (5, 6), 0.01, mask=rng.pack_mask(mask)))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a[~mask], p[~mask]) and not torch.equal(a[mask], p[mask])

@@ -93,6 +93,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> uint8 bit-packed (bit i & 7 of byte i >> 3), flattened: 1 bit per coordinate."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.uint8, device=flat.device))
+    return (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """Coordinates start .. start+n-1 of a bit-packed mask, as bool (start must be a multiple of 8)."""
+    assert start % 8 == 0
+    chunk = packed[start // 8:(start + n + 7) // 8]
+    bits = (chunk.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(-1)[:n].bool()
+
+
 def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
     j = torch.arange(start, start + n, dtype=torch.int64, device=device) & M32
     h = _mix32(_mix32(j ^ k1) ^ k2)
@@ -184,10 +202,12 @@ def draw(n: int, key: tuple[int, int], sampler: str = "ih4", start: int = 0,
 
 def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "ih4",
             mask: torch.Tensor | None = None) -> float:
-    """In place ``p += coef * z`` (z of unit variance from ``key``), only where ``mask`` is true if given.
+    """In place ``p += coef * z`` (z of unit variance from ``key``), only where ``mask`` is set if given.
 
-    Returns the coefficient actually applied to the unit-variance z (``coef`` rounded so the arithmetic is
-    exact; see module docstring). Any dtype and device; float32 CPU tensors use the C kernel.
+    ``mask`` is a bool tensor of p's shape or a bit-packed uint8 one (:func:`pack_mask`); masked-out
+    coordinates keep their exact bits. Returns the coefficient actually applied to the unit-variance z
+    (``coef`` rounded so the arithmetic is exact; see module docstring). Any dtype and device; float32 CPU
+    tensors use the C kernel.
     """
     if sampler not in SAMPLERS:
         raise unknown("sampler", sampler, SAMPLERS)
@@ -199,12 +219,13 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
     if n > 1 << 32:
         raise ValueError("a parameter may hold at most 2^32 elements")
     flat = p.view(-1)
-    mflat = None if mask is None else mask.reshape(-1)
+    packed = None
+    if mask is not None:
+        packed = (pack_mask(mask) if mask.dtype == torch.bool else mask).to(p.device).contiguous()
+        if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+            raise ValueError(f"mask must be bool of shape {tuple(p.shape)} or {(n + 7) // 8} packed uint8 bytes")
     if backend_for(p) == "c":
-        mptr = None
-        if mflat is not None:
-            mflat = mflat.to(torch.bool).contiguous()
-            mptr = mflat.data_ptr()
+        mptr = None if packed is None else packed.data_ptr()
         _KERNEL.get().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a, sid, mptr,
                                     torch.get_num_threads())
     else:
@@ -212,8 +233,8 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
             m = min(_CHUNK, n - s)
             step = _torch_draw(m, s, key[0], key[1], sid, p.device).mul_(a)
             seg = flat[s:s + m]
-            if mflat is None:
+            if packed is None:
                 seg.add_(step)
             else:  # where(), not a multiply by the mask: p + 0.0 would turn -0.0 into +0.0
-                seg.copy_(torch.where(mflat[s:s + m], seg + step, seg))
+                seg.copy_(torch.where(unpack_mask(packed, m, s), seg + step, seg))
     return a * std

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zolm.errors import ZolmError
-from zolm.zo.rng import axpy_z_, tensor_key
+from zolm.zo.rng import axpy_z_, pack_mask, tensor_key
 
 
 class ParamSet:
@@ -29,7 +29,8 @@ class ParamSet:
         include: regular expressions; a parameter trains if its name matches one (None: all parameters
             with ``requires_grad``).
         exclude: regular expressions of names never trained.
-        masks: optional ``{name: bool tensor}``; only True coordinates are perturbed and updated.
+        masks: optional ``{name: bool tensor}``; only True coordinates are perturbed and updated. They are
+            kept bit-packed (1 bit per coordinate, 1/32 of float32 weights).
     """
 
     def __init__(self, model: nn.Module, include: Sequence[str] | None = None,
@@ -54,20 +55,22 @@ class ParamSet:
         if not self.params:
             raise ZolmError(f"no parameter matches include={list(include or [])} exclude={list(exclude or [])}")
         self.masks: list[torch.Tensor | None] = [None] * len(self.params)
+        self.mask_counts: list[int | None] = [None] * len(self.params)
         for name, m in (masks or {}).items():
             if name not in self.names:
                 raise ZolmError(f"mask for unknown parameter {name!r}")
             i = self.names.index(name)
             if m.shape != self.params[i].shape:
                 raise ZolmError(f"mask for {name} has shape {tuple(m.shape)}, parameter {tuple(self.params[i].shape)}")
-            self.masks[i] = m.to(device=self.params[i].device, dtype=torch.bool)
+            self.masks[i] = pack_mask(m.to(device=self.params[i].device, dtype=torch.bool))
+            self.mask_counts[i] = int(m.sum())
 
     def __len__(self) -> int:
         return len(self.params)
 
     def numel(self) -> int:
         """Number of coordinates that ZO actually moves (masked ones only, where a mask is set)."""
-        return sum(int(m.sum()) if m is not None else p.numel() for p, m in zip(self.params, self.masks))
+        return sum(p.numel() if c is None else c for p, c in zip(self.params, self.mask_counts))
 
 
 @torch.no_grad()

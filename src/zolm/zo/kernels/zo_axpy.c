@@ -1,4 +1,4 @@
-/* zolm zeroth-order perturbation kernel: p[i] += a * s(key, start + i) [* mask[i]], in place.
+/* zolm zeroth-order perturbation kernel: p[i] += a * s(key, start + i) where mask bit i is set, in place.
  *
  * s(key, j) is an integer-valued draw that is a pure function of the 64-bit key (derived from the step
  * seed and the parameter's index) and the element's flat position j:
@@ -8,6 +8,8 @@
  * The caller rounds a to at most 14 significant bits, so a * s is exact in float32 (|s| < 2^9) and
  * p + a*s rounds once: the result is bit-identical to zolm's torch implementation (zolm/zo/rng.py),
  * with or without FMA contraction, on any thread count.
+ * mask (optional) is bit-packed: bit (i & 7) of byte (i >> 3), little-endian bit order (numpy's
+ * packbits(bitorder="little")), so a mask costs 1/32 of the float32 weights it covers.
  */
 #include <stdint.h>
 
@@ -34,7 +36,7 @@ void zolm_axpy_f32(float *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2,
     if (mask) {
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t i = 0; i < n; i++) {
-            if (mask[i]) p[i] = p[i] + (float)draw((uint32_t)(start + i), k1, k2, sampler) * a;
+            if ((mask[i >> 3] >> (i & 7)) & 1u) p[i] = p[i] + (float)draw((uint32_t)(start + i), k1, k2, sampler) * a;
         }
     } else {
         #pragma omp parallel for schedule(static) num_threads(threads)
