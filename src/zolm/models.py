@@ -140,6 +140,11 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
         if not (p / "config.json").is_file():
             raise ZolmError(f"{name_or_path} is not a model directory (no config.json); "
                             f"built-in models: {', '.join(BUILTIN)}")
+    if looks_local:
+        from zolm.quant.serialize import is_quantized_dir, load_quantized
+
+        if is_quantized_dir(p):
+            return _finish(load_quantized(p, device), AutoTokenizer.from_pretrained(str(p)))
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p) if looks_local else name_or_path)
@@ -172,10 +177,18 @@ def load_tokenizer(name_or_path: str):
 
 
 def save(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Save with ``save_pretrained`` (safetensors) atomically: the directory appears complete or not at all."""
+    """Save with ``save_pretrained`` (safetensors) atomically: the directory appears complete or not at all.
+
+    Quantized models (zolm.quant) keep their low-bit codes and scales; ``load`` recognises them.
+    """
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model.config, "zolm_quantization", None):
+            from zolm.quant.serialize import save_quantized_files
+
+            save_quantized_files(model, tmp)  # low-bit codes + scales
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out

@@ -10,9 +10,11 @@ from typing import Any
 
 from zolm.errors import ZolmError, unknown
 
-METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora")
+METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste")
 # Learning rates used when none is given (papers.md section 10, at 135M on CPU).
-DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4}
+DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4, "quzo": 1e-6, "quant-mezo": 1e-6,
+              "fo-ste": 1e-5}
+QUANT_METHODS = ("quzo", "quant-mezo", "fo-ste")
 SCHEDULES = ("constant", "linear")
 
 
@@ -47,6 +49,16 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # quantized training (quzo, quant-mezo: ZO on low-bit codes; fo-ste: straight-through first order)
+    bits: int = 4  # weight bits: 4 or 8 (int); fp8 is 8
+    format: str = "int"  # int or fp8
+    fp8_variant: str = "e4m3"
+    group_size: int | None = None  # None: 32 for int4, per output channel otherwise
+    embed_bits: int | None = 8  # token embedding (and tied LM head) bits; None keeps them float
+    act_bits: int | None = None  # fake-quantize layer inputs to this many bits
+    perturb_bits: int | None = None  # QuZO perturbation bits (None: 4 for quzo, 0 = unquantized for quant-mezo)
+    two_draws: bool = True  # QuZO: independent roundings for the perturbation and the update direction
+    update_rounding: str | None = None  # stochastic (quzo default) or nearest (quant-mezo default)
     # data (MeZO protocol)
     num_train: int = 1000
     num_dev: int | None = None
@@ -80,10 +92,24 @@ class FinetuneConfig:
             raise ZolmError(f"task must name one or more distinct tasks, got {self.task!r}")
         if self.task_weights and len(self.task_weights) != len(self.tasks):
             raise ZolmError(f"task_weights has {len(self.task_weights)} values for {len(self.tasks)} tasks")
+        if self.method in QUANT_METHODS:
+            self.quant_config()  # validates bits / format / group size
+            if self.update_rounding not in (None, "stochastic", "nearest"):
+                raise unknown("update rounding", self.update_rounding, ("nearest", "stochastic"))
         if self.checkpoint_every is None:
             self.checkpoint_every = self.eval_every
         if self.checkpoint_every < 0:
             raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+    def quant_config(self):
+        """The QuantConfig of the quantized methods (imported lazily: zolm.quant is optional here)."""
+        from zolm.quant.formats import QuantConfig, QuantFormat
+
+        group = self.group_size if self.group_size is not None else (32 if self.format == "int" and self.bits == 4
+                                                                       else None)
+        bits = 8 if self.format == "fp8" else self.bits
+        return QuantConfig(weight=QuantFormat(self.format, bits, self.fp8_variant, group), embed_bits=self.embed_bits,
+                           act_bits=self.act_bits)
 
     @property
     def tasks(self) -> list[str]:

@@ -71,13 +71,21 @@ class ZOMethod:
         self.last_task_losses: list[float] = []
         for p in model.parameters():  # ZO needs no autograd graph; inference_mode is used anyway
             p.requires_grad_(False)
-        self.params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
-        self.optimizer = ZOOptimizer(self.params, ZOConfig(eps=config.eps, queries=config.queries,
-                                                          weight_decay=config.weight_decay,
-                                                          sampler=config.sampler, seed=config.seed))
+        self.optimizer = self.build_optimizer(model, config, self.zo_config(config))
+        self.params = self.optimizer.params
         self.torch_optimizer = None
         self.forwards_per_step = 2 * config.queries
         self.reducer = Reducer()
+
+    @staticmethod
+    def zo_config(config: FinetuneConfig) -> ZOConfig:
+        return ZOConfig(eps=config.eps, queries=config.queries, weight_decay=config.weight_decay,
+                        sampler=config.sampler, seed=config.seed)
+
+    def build_optimizer(self, model, config: FinetuneConfig, zo: ZOConfig) -> ZOOptimizer:
+        """The ZO optimiser over this method's parameter space (override for other spaces)."""
+        params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
+        return ZOOptimizer(params, zo)
 
     @property
     def trainable(self) -> dict[str, torch.Tensor]:
@@ -181,18 +189,28 @@ class FOMethod:
         self.model.eval()
         return value
 
+    def save_model(self, path: Path, tokenizer) -> None:
+        """A plain transformers model (LoRA merged into the base weights)."""
+        model = self.model.merge_and_unload() if self.config.method == "fo-lora" else self.model
+        models.save(model, tokenizer, path)
+
     def save(self, out: Path, tokenizer) -> None:
-        """out/model: a plain transformers model (LoRA merged into the base weights); out/adapter for LoRA."""
+        """out/model, and out/adapter for LoRA (written first: merging unloads the adapter)."""
         if self.config.method == "fo-lora":
             self.model.save_pretrained(out / "adapter")
-            models.save(self.model.merge_and_unload(), tokenizer, out / "model")
-        else:
-            models.save(self.model, tokenizer, out / "model")
+        self.save_model(out / "model", tokenizer)
 
 
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
 
 
+def _registry() -> dict[str, type]:
+    """Every method, including those defined in their own modules (imported here, explicitly)."""
+    from zolm.train.quant_methods import FOSTEMethod, QuZOMethod
+
+    return {**METHODS, "quzo": QuZOMethod, "quant-mezo": QuZOMethod, "fo-ste": FOSTEMethod}
+
+
 def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):
     """The method ``config.method`` around ``model``; ``run_dir`` holds method artefacts (e.g. masks)."""
-    return METHODS[config.method](model, config, run_dir)
+    return _registry()[config.method](model, config, run_dir)

@@ -111,9 +111,14 @@ def unpack_mask(packed: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
     return bits.reshape(-1)[:n].bool()
 
 
-def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
+def hash_positions(start: int, n: int, key: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """h_j = mix32(mix32(j ^ k1) ^ k2) for j = start .. start+n-1, as int64 values in [0, 2^32)."""
     j = torch.arange(start, start + n, dtype=torch.int64, device=device) & M32
-    h = _mix32(_mix32(j ^ k1) ^ k2)
+    return _mix32(_mix32(j ^ key[0]) ^ key[1])
+
+
+def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
+    h = hash_positions(start, n, (k1, k2), device)
     if sampler_id == 0:
         s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24) - 510
     else:
@@ -140,21 +145,23 @@ class _CKernel:
 
     @staticmethod
     def _build() -> ctypes.CDLL:
-        src = Path(__file__).with_name("kernels") / "zo_axpy.c"
+        srcs = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
         cc = os.environ.get("CC", "gcc")
         flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         cpu = ""
         if Path("/proc/cpuinfo").exists():
             cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        tag = hashlib.sha256("\0".join([src.read_text(), version, " ".join(flags), cpu, platform.machine()])
+        text = "".join(s.read_text() for s in srcs)
+        tag = hashlib.sha256("\0".join([text, version, " ".join(flags), cpu, platform.machine()])
                              .encode()).hexdigest()[:16]
         cache = Path(os.environ.get("ZOLM_CACHE", Path.home() / ".cache" / "zolm")) / "kernels"
         so = cache / f"zo_axpy-{tag}.so"
         if not so.exists():
             cache.mkdir(parents=True, exist_ok=True)
             tmp = so.with_suffix(f".{os.getpid()}.so")
-            subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *flags, *map(str, srcs), "-o", str(tmp), "-lm"], check=True, capture_output=True,
+                           timeout=120)
             atomic_write_bytes(so, tmp.read_bytes())
             tmp.unlink()
         lib = ctypes.CDLL(str(so))
@@ -162,6 +169,12 @@ class _CKernel:
         lib.zolm_axpy_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_float, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_int]
         lib.zolm_draw_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_int, ctypes.c_int]
+        lib.zolm_quzo_perturb_f32.argtypes = [ctypes.c_void_p, i64, u32, u32, u32, u32, ctypes.c_float,
+                                              ctypes.c_int32, ctypes.c_int]
+        upd = [ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, u32, u32, u32, u32, u32, u32, ctypes.c_float,
+               ctypes.c_int32, ctypes.c_int]
+        lib.zolm_quzo_update_int8.argtypes = upd + [ctypes.c_int32, ctypes.c_int32, ctypes.c_int]
+        lib.zolm_quzo_update_int4.argtypes = upd + [ctypes.c_int]
         return lib
 
 

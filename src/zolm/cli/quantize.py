@@ -1,0 +1,47 @@
+"""``zolm quantize``: store a model's weights in INT8 / INT4 / FP8 (codes + scales) and save it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's weights to INT8 / INT4 / FP8 and save it",
+                       description="Round-to-nearest absmax quantization of every linear layer (and the token "
+                                   "embedding / tied LM head); the result stores low-bit codes and loads with "
+                                   "zolm (zolm eval --model DIR, zolm finetune --model DIR --method quzo).")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, local directory or hub id")
+    p.add_argument("--bits", type=int, default=4, help="weight bits for int (4 or 8)")
+    p.add_argument("--format", default="int", help="int or fp8")
+    p.add_argument("--fp8-variant", default="e4m3", help="e4m3 or e5m2")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns per scale (default: 32 for int4, one scale per output channel otherwise)")
+    p.add_argument("--embed-bits", type=int, default=8, help="embedding bits (4 or 8); 0 keeps it float")
+    p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def run(args: argparse.Namespace) -> int:
+    from zolm.train.config import FinetuneConfig
+
+    cfg = FinetuneConfig(out=args.out, method="quzo", bits=args.bits, format=args.format,
+                         fp8_variant=args.fp8_variant, group_size=args.group_size,
+                         embed_bits=args.embed_bits or None, act_bits=args.act_bits)  # validates before loading
+    qc = cfg.quant_config()
+    from zolm import models
+    from zolm.quant.linear import quantize_
+
+    model, tok = models.load(args.model)
+    before = _bytes(model)
+    quantize_(model, qc)
+    after = _bytes(model)
+    models.save(model, tok, args.out)
+    print(json.dumps({"model": args.model, "format": qc.weight.name, "embed_bits": qc.embed_bits,
+                      "weight_bytes_before": before, "weight_bytes_after": after,
+                      "ratio": round(after / before, 4), "out": args.out}))
+    return 0

@@ -1,0 +1,96 @@
+"""Number formats and granularities: INT8 / INT4 (symmetric) and FP8 E4M3 / E5M2 (simulated on the CPU).
+
+A weight row (one output channel) is split into groups of ``group_size`` consecutive input columns
+(``None``: the whole row), each with its own float32 scale ``s``; the stored code ``q`` represents ``s * q``:
+    INT b:  q in {-2^(b-1), ..., 2^(b-1) - 1},  s = max|w_group| / (2^(b-1) - 1)   (absmax, symmetric)
+    FP8:    q an FP8 value (torch.float8_e4m3fn: max 448; torch.float8_e5m2: max 57344), s = max|w_group| / max
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from zolm.errors import ZolmError
+
+FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+INT_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One number format: ``kind`` "int" (bits 4 or 8) or "fp8" (``fp8`` = "e4m3" or "e5m2")."""
+
+    kind: str = "int"
+    bits: int = 8
+    fp8: str = "e4m3"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "fp8"):
+            raise ZolmError(f"unknown number format {self.kind!r}; valid: int, fp8")
+        if self.kind == "int" and self.bits not in INT_BITS:
+            raise ZolmError(f"unsupported bit width {self.bits} for int; valid: 4, 8")
+        if self.kind == "fp8" and self.bits != 8:
+            raise ZolmError(f"fp8 is an 8-bit format; got bits={self.bits}")
+        if self.fp8 not in FP8:
+            raise ZolmError(f"unknown fp8 variant {self.fp8!r}; valid: e4m3, e5m2")
+        if self.group_size is not None and self.group_size < 1:
+            raise ZolmError(f"group_size must be a positive number of columns, got {self.group_size}")
+
+    @property
+    def qmax(self) -> float:
+        """Largest representable magnitude of a code."""
+        return float(2 ** (self.bits - 1) - 1) if self.kind == "int" else FP8[self.fp8][1]
+
+    @property
+    def qmin(self) -> float:
+        return float(-(2 ** (self.bits - 1))) if self.kind == "int" else -FP8[self.fp8][1]
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        if self.kind == "fp8":
+            return FP8[self.fp8][0]
+        return torch.uint8 if self.bits == 4 else torch.int8
+
+    @property
+    def name(self) -> str:
+        base = f"int{self.bits}" if self.kind == "int" else f"fp8-{self.fp8}"
+        return base + (f"-g{self.group_size}" if self.group_size else "")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which layers get which format.
+
+    Args:
+        weight: the format of the linear layers inside the decoder blocks.
+        embed_bits: INT bits of the token embedding (shared with a tied LM head), per row; None keeps it float.
+        act_bits: fake-quantize the input of every quantized linear layer per tensor (INT, round to nearest);
+            None leaves activations in float.
+        skip: substrings of module names never quantized (the LM head is never quantized unless tied).
+    """
+
+    weight: QuantFormat = QuantFormat()
+    embed_bits: int | None = 8
+    act_bits: int | None = None
+    skip: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        if self.embed_bits is not None and self.embed_bits not in INT_BITS:
+            raise ZolmError(f"unsupported bit width {self.embed_bits} for embeddings; valid: 4, 8")
+        if self.act_bits is not None and self.act_bits not in INT_BITS:
+            raise ZolmError(f"unsupported bit width {self.act_bits} for activations; valid: 4, 8")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        d = dict(d)
+        d["weight"] = QuantFormat(**d.get("weight", {}))
+        d["skip"] = tuple(d.get("skip", ("lm_head",)))
+        return cls(**d)

@@ -1,0 +1,114 @@
+"""Pure quantization primitives: scales, rounding (nearest / stochastic), INT4 packing, FP8 grids.
+
+Stochastic rounding (SR) of a real x onto a grid with neighbours lo <= x <= hi rounds up with probability
+(x - lo) / (hi - lo), so E[SR(x)] = x (unbiased) whenever no clamping happens. Given a uniform noise u in
+[0, 1), SR on the integer grid is floor(x + u). The noise is an argument: callers pass a counter-based stream
+(zolm.zo.rng) when the draw must be reproducible, or torch.rand for a one-off quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zolm.errors import ZolmError
+from zolm.quant.formats import FP8, QuantFormat
+
+
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [out, groups, group] (a view); groups of consecutive input columns."""
+    out, cols = w.shape
+    g = group_size or cols
+    if cols % g:
+        raise ZolmError(f"group_size {g} does not divide the {cols} input columns of a layer; "
+                        f"use a divisor of {cols} or per-channel scales")
+    return w.reshape(out, cols // g, g)
+
+
+def compute_scales(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Absmax scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0."""
+    amax = group_view(w.detach().float(), fmt.group_size).abs().amax(-1)
+    scale = amax / fmt.qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def round_stochastic(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """floor(x + u), u ~ U[0, 1): rounds up with probability frac(x); E[result] = x."""
+    return torch.floor(x + noise)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes [out, in] (even in) -> uint8 [out, in/2]; low nibble = even column."""
+    if q.shape[-1] % 2:
+        raise ZolmError(f"INT4 packing needs an even number of columns, got {q.shape[-1]}")
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> signed codes int8 [out, in] in -8..7."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    q = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return (q ^ 8) - 8  # sign-extend the nibble
+
+
+def codes_to_float(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Stored codes -> their real values before scaling (float32, [out, in])."""
+    if fmt.kind == "int" and fmt.bits == 4:
+        return unpack_int4(codes).float()
+    return codes.float()
+
+
+def float_to_codes(values: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Grid values (already rounded, float) -> stored codes."""
+    if fmt.kind == "fp8":
+        return values.to(FP8[fmt.fp8][0])
+    q = values.clamp(fmt.qmin, fmt.qmax).to(torch.int8)
+    return pack_int4(q) if fmt.bits == 4 else q
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Stored codes of ``w`` [out, in] under ``scale`` [out, groups]: round to nearest, or SR with ``noise``."""
+    x = (group_view(w.float(), fmt.group_size) / scale.unsqueeze(-1)).reshape(w.shape)
+    if fmt.kind == "fp8":
+        x = x.clamp(fmt.qmin, fmt.qmax)
+        return float_to_codes(fp8_round(x, fmt.fp8, noise), fmt)
+    x = x.round() if noise is None else round_stochastic(x, noise)
+    return float_to_codes(x, fmt)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """W = s * q, float32 [out, in]."""
+    q = codes_to_float(codes, fmt)
+    return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def _fp8_step(bits: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The FP8 bit pattern one grid step up (``up``) or down from ``bits`` (sign-magnitude encoding)."""
+    sign = bits & 0x80
+    mag = (bits & 0x7F).to(torch.int16)
+    away = up ^ sign.bool()  # moving away from zero increments the magnitude
+    mag = torch.where(away, mag + 1, mag - 1)
+    cross = mag < 0  # stepping towards zero from +-0: continue on the other side
+    mag = torch.where(cross, torch.ones_like(mag), mag)
+    sign = torch.where(cross, sign ^ 0x80, sign)
+    return (sign | mag.to(torch.uint8))
+
+
+def fp8_round(x: torch.Tensor, variant: str, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Round float32 ``x`` (within range) onto the FP8 grid: to nearest, or stochastically with ``noise``."""
+    dtype = FP8[variant][0]
+    near = x.to(dtype)
+    if noise is None:
+        return near.float()
+    nf = near.float()
+    bits = near.view(torch.uint8)
+    other = _fp8_step(bits, x > nf).view(dtype).float()  # the neighbour on x's other side
+    lo = torch.minimum(nf, other)
+    hi = torch.maximum(nf, other)
+    width = hi - lo
+    p_up = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, torch.ones_like(width)),
+                       torch.zeros_like(x))
+    out = torch.where(noise < p_up, hi, lo)
+    return torch.where(nf == x, nf, out)

@@ -1,0 +1,90 @@
+/* QuZO kernels (Zhou et al. 2025): quantized perturbations and stochastically rounded low-bit updates.
+ *
+ * s_j in [-510, 510] is the integer draw of zo_axpy.c (Irwin-Hall of four hash bytes, std sqrt(21845)).
+ * A b_p-bit perturbation level is SR(s_j * L / 510), L = 2^(b_p-1) - 1, computed in integers:
+ *     level = floor((s * L * 2^24 + r * 510) / (510 * 2^24)),   r = 24 hash bits of an independent stream
+ * so E[level * 510 / L] = s exactly and every backend gets the same integers.
+ */
+#include <math.h>
+#include <stdint.h>
+
+static inline uint32_t qmix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x2C1B3C6Du;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline int32_t ih4(uint32_t j, uint32_t k1, uint32_t k2) {
+    uint32_t h = qmix32(qmix32(j ^ k1) ^ k2);
+    return (int32_t)(h & 255u) + (int32_t)((h >> 8) & 255u) + (int32_t)((h >> 16) & 255u) + (int32_t)(h >> 24) - 510;
+}
+
+static inline int64_t noise24(uint32_t j, uint32_t k1, uint32_t k2) {
+    return (int64_t)(qmix32(qmix32(j ^ k1) ^ k2) >> 8);
+}
+
+static inline int64_t floordiv(int64_t a, int64_t b) {  /* b > 0 */
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* L > 0: the SR-quantized level of s (stream kr); L == 0: s itself. */
+static inline int32_t level(uint32_t j, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, int32_t L) {
+    int32_t s = ih4(j, k1, k2);
+    if (L <= 0) return s;
+    const int64_t D = 510LL << 24;
+    return (int32_t)floordiv((int64_t)s * L * (1LL << 24) + noise24(j, kr1, kr2) * 510, D);
+}
+
+/* W[j] += a * level_j over a flat float32 tensor (the dequantized weight inside a forward pass). */
+void zolm_quzo_perturb_f32(float *w, int64_t n, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2,
+                           float a, int32_t L, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < n; j++) w[j] = w[j] + (float)level((uint32_t)j, k1, k2, kr1, kr2, L) * a;
+}
+
+static inline int32_t step_codes(int64_t j, int64_t cols, int64_t group, int64_t ngroups, const float *scale,
+                                 uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1,
+                                 uint32_t ku2, float c, int32_t L, int rtn) {
+    int64_t row = j / cols, col = j % cols;
+    float sc = scale[row * ngroups + col / group];
+    float delta = (c * (float)level((uint32_t)j, k1, k2, kr1, kr2, L)) / sc;
+    float d = rtn ? nearbyintf(delta) : floorf(delta + (float)noise24((uint32_t)j, ku1, ku2) * (1.0f / 16777216.0f));
+    if (d > 256.0f) d = 256.0f;
+    if (d < -256.0f) d = -256.0f;
+    return (int32_t)d;
+}
+
+/* codes[j] = clamp(codes[j] - R(c * level_j / scale), qmin, qmax): R = SR (stream ku) or round-to-nearest. */
+void zolm_quzo_update_int8(int8_t *q, int64_t rows, int64_t cols, int64_t group, const float *scale,
+                           uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1, uint32_t ku2,
+                           float c, int32_t L, int rtn, int32_t qmin, int32_t qmax, int threads) {
+    int64_t ngroups = cols / group, n = rows * cols;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < n; j++) {
+        int32_t v = (int32_t)q[j] - step_codes(j, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
+        q[j] = (int8_t)(v < qmin ? qmin : (v > qmax ? qmax : v));
+    }
+}
+
+/* The same on INT4 codes packed two per byte (low nibble = even column), clamped to [-8, 7]. */
+void zolm_quzo_update_int4(uint8_t *q, int64_t rows, int64_t cols, int64_t group, const float *scale,
+                           uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1, uint32_t ku2,
+                           float c, int32_t L, int rtn, int threads) {
+    int64_t ngroups = cols / group, nbytes = rows * cols / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < nbytes; b++) {
+        uint8_t byte = q[b];
+        int32_t lo = (int32_t)(byte & 15u), hi = (int32_t)(byte >> 4);
+        lo = (lo ^ 8) - 8;
+        hi = (hi ^ 8) - 8;
+        lo -= step_codes(2 * b, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
+        hi -= step_codes(2 * b + 1, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
+        lo = lo < -8 ? -8 : (lo > 7 ? 7 : lo);
+        hi = hi < -8 ? -8 : (hi > 7 ? 7 : hi);
+        q[b] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
+    }
+}

@@ -1,0 +1,218 @@
+"""QuZO: zeroth-order training through low-bit forward passes (Zhou et al. 2025, papers.md section 4).
+
+Per query, with u = z (the unit-variance draw of zolm.zo.rng) of every quantized weight tensor:
+    u1 = Q_A(u), u2 = Q_B(u)          two stochastic roundings of the same draw to ``perturb_bits`` bits,
+                                      with independent rounding noise A and B (the paper's estimator)
+    L+- = L(W_q +- eps u1)            the forward pass sees the dequantized low-bit weights plus the
+                                      perturbation; the codes themselves are never perturbed
+    g = (L+ - L-) / (2 eps)
+    q <- clamp(q - SR_C(lr g u2 / s))  the update, in code units of the fixed per-group scale s, rounded
+                                      stochastically (noise C) so that E[update] = lr g u2 although it is
+                                      usually far below one grid step
+E[u1 u2^T | u] = u u^T, so the estimator is unbiased; reusing u1 for the update (``two_draws=False``, what the
+public code does) adds the rounding variance to the diagonal. ``perturb_bits=0`` perturbs with u itself and
+``update_rounding="nearest"`` rounds updates to nearest: together the naive quantized MeZO baseline, whose
+updates mostly round to zero.
+
+All draws are counter-based, keyed by (step seed, tensor index, stream), so the two loss evaluations of a
+query see the same u1, replay needs no forward pass, and the C kernels (kernels/quzo.c) and the torch code
+below give identical integers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zolm.errors import ZolmError
+from zolm.quant.linear import QuantLinear
+from zolm.quant.primitives import fp8_round
+from zolm.zo.optimizer import ZOConfig, ZOOptimizer
+from zolm.zo.rng import _KERNEL, M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key
+
+S_MAX = 510  # |s| <= 510 for the ih4 draw
+S_STD = math.sqrt(21845)
+STREAM_A, STREAM_B, STREAM_C = 0xA, 0xB, 0xC  # perturbation rounding, update-direction rounding, grid rounding
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class QuZOSettings:
+    """perturb_bits: bits of u1/u2 (0: unquantized u); two_draws: independent roundings for u1 and u2;
+    update_rounding: "stochastic" (QuZO) or "nearest" (naive)."""
+
+    perturb_bits: int = 4
+    two_draws: bool = True
+    update_rounding: str = "stochastic"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.perturb_bits <= 8:
+            raise ZolmError(f"perturb_bits must be 0 (no quantization) or 1..8, got {self.perturb_bits}")
+        if self.update_rounding not in ("stochastic", "nearest"):
+            raise ZolmError(f"unknown update rounding {self.update_rounding!r}; valid: nearest, stochastic")
+
+    @property
+    def levels(self) -> int:
+        """L = 2^(b-1) - 1 (0 when unquantized)."""
+        return 2 ** (self.perturb_bits - 1) - 1 if self.perturb_bits > 1 else (1 if self.perturb_bits == 1 else 0)
+
+    @property
+    def unit(self) -> float:
+        """What one level is worth in units of the unit-variance u: (510 / L) / std (1 / std if unquantized)."""
+        return (S_MAX / self.levels if self.levels else 1.0) / S_STD
+
+
+def levels(start: int, n: int, key: tuple[int, int], rkey: tuple[int, int], L: int, device) -> torch.Tensor:
+    """Integer levels of u: SR(s * L / 510) with rounding stream ``rkey`` (int64), or s itself when L == 0."""
+    h = hash_positions(start, n, key, device)
+    s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24) - S_MAX
+    if L <= 0:
+        return s
+    r = hash_positions(start, n, rkey, device) >> 8
+    return torch.div(s * L * (1 << 24) + r * S_MAX, S_MAX << 24, rounding_mode="floor")
+
+
+def stream_key(seed: int, index: int, stream: int) -> tuple[int, int]:
+    """Key of rounding stream ``stream`` (STREAM_A/B/C) of tensor ``index`` under step ``seed``."""
+    k = tensor_key(derive_seed(seed, stream), index)
+    return k[0] & M32, k[1] & M32
+
+
+def direction(seed: int, index: int, n: int, settings: QuZOSettings, stream: int = STREAM_A) -> torch.Tensor:
+    """u1 (stream A) or u2 (stream B) of tensor ``index``, in units of the unit-variance u (float64)."""
+    lv = levels(0, n, tensor_key(seed, index), stream_key(seed, index, stream), settings.levels, "cpu")
+    return lv.double() * settings.unit
+
+
+def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int) -> None:
+    """w += a * level (in place, float32 w): the virtual perturbation inside a QuantLinear forward."""
+    flat = w.view(-1)
+    if backend_for(w) == "c":
+        _KERNEL.get().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
+                                            torch.get_num_threads())
+        return
+    for s in range(0, flat.numel(), _CHUNK):
+        m = min(_CHUNK, flat.numel() - s)
+        flat[s:s + m] += levels(s, m, key, rkey, L, w.device).to(torch.float32) * a
+
+
+def _deltas(module: QuantLinear, start: int, n: int, key, rkey, ukey, c: float, L: int, rtn: bool):
+    """Rounded code steps R(c * level / s) of positions start .. start+n-1 (float32)."""
+    cols = module.in_features
+    j = torch.arange(start, start + n, device=module.scale.device)
+    group = module.fmt.group_size or cols
+    sc = module.scale.view(-1)[(j // cols) * (cols // group) + (j % cols) // group]
+    delta = (torch.tensor(c, dtype=torch.float32) * levels(start, n, key, rkey, L, sc.device).float()) / sc
+    if rtn:
+        d = torch.round(delta)
+    else:
+        d = torch.floor(delta + (hash_positions(start, n, ukey, sc.device) >> 8).float() * (1.0 / 16777216.0))
+    return d.clamp(-256, 256), delta
+
+
+@torch.no_grad()
+def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: bool) -> None:
+    """q <- clamp(q - R(c * level / s)) over the whole layer (INT8, packed INT4 or FP8 codes)."""
+    fmt, rows, cols = module.fmt, module.out_features, module.in_features
+    group = fmt.group_size or cols
+    q = module.qweight
+    if fmt.kind == "int" and q.device.type == "cpu" and _KERNEL.get() is not None and q.is_contiguous():
+        args = (rows, cols, group, module.scale.data_ptr(), *key, *rkey, *ukey, c, L, int(rtn))
+        if fmt.bits == 8:
+            _KERNEL.get().zolm_quzo_update_int8(q.data_ptr(), *args, int(fmt.qmin), int(fmt.qmax),
+                                                torch.get_num_threads())
+        else:
+            _KERNEL.get().zolm_quzo_update_int4(q.data_ptr(), *args, torch.get_num_threads())
+        return
+    from zolm.quant.primitives import codes_to_float, float_to_codes
+
+    values = codes_to_float(q, fmt).view(-1)
+    for s in range(0, values.numel(), _CHUNK):
+        m = min(_CHUNK, values.numel() - s)
+        d, delta = _deltas(module, s, m, key, rkey, ukey, c, L, rtn)
+        if fmt.kind == "int":
+            values[s:s + m] = (values[s:s + m] - d).clamp(fmt.qmin, fmt.qmax)
+        else:  # FP8: round the real target onto the FP8 grid
+            target = (values[s:s + m] - delta).clamp(fmt.qmin, fmt.qmax)
+            noise = None if rtn else (hash_positions(s, m, ukey, target.device) >> 8).float() * (1.0 / 16777216.0)
+            values[s:s + m] = fp8_round(target, fmt.fp8, noise)
+    q.copy_(float_to_codes(values.view(rows, cols), fmt))
+
+
+class _CodeSet:
+    """The ParamSet stand-in of QuZO: names and code tensors of the trained QuantLinear layers."""
+
+    def __init__(self, modules: list[tuple[str, QuantLinear]]):
+        if not modules:
+            raise ZolmError("QuZO found no quantized linear layer to train")
+        self.names = [f"{n}.qweight" for n, _ in modules]
+        self.params = [m.qweight for _, m in modules]
+        self.masks = [None] * len(modules)
+        self._sizes = [m.out_features * m.in_features for _, m in modules]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def numel(self) -> int:
+        """Number of trained weights (codes), whatever their packing."""
+        return sum(self._sizes)
+
+
+class QuZOOptimizer(ZOOptimizer):
+    """ZO over the codes of QuantLinear layers: virtual quantized perturbations, stochastically rounded updates."""
+
+    method = "quzo"
+
+    def __init__(self, modules: list[tuple[str, QuantLinear]], config: ZOConfig | None = None,
+                 settings: QuZOSettings | None = None):
+        config = config or ZOConfig()
+        if config.sampler != "ih4":
+            raise ZolmError("QuZO quantizes the ih4 draw; use sampler ih4")
+        if config.weight_decay:
+            raise ZolmError("weight decay is not defined on low-bit codes; use weight_decay 0 with QuZO")
+        super().__init__(_CodeSet(modules), config)
+        self.modules = [m for _, m in modules]
+        self.settings = settings or QuZOSettings()
+        self._seed: int | None = None
+        self._coef = 0.0
+        self._a = 0.0
+        for i, m in enumerate(self.modules):
+            m.delta_hook = self._hook(i)
+
+    def _hook(self, i: int):
+        def hook(module: QuantLinear, w: torch.Tensor) -> None:
+            if self._seed is not None and self._a != 0.0:
+                key = tensor_key(self._seed, i)
+                perturb_weight_(w, key, stream_key(self._seed, i, STREAM_A), self._a, self.settings.levels)
+        return hook
+
+    def apply_(self, seed: int, coef: float) -> float:
+        """Virtual: the next forward passes see W_q + (accumulated coef) * u1(seed); codes are untouched."""
+        if self._seed != seed:
+            self._seed, self._coef = seed, 0.0
+        self._coef += coef
+        self._a = round_coef(self._coef * self.settings.unit)
+        return self._a / self.settings.unit
+
+    def update_(self, seeds: list[int], grads: list[float], lr: float) -> None:
+        """q <- q - SR(lr g_q u2_q / s) for every query; the virtual perturbation is dropped."""
+        self._seed, self._coef, self._a = None, 0.0, 0.0
+        s, n = self.settings, len(seeds)
+        for seed, g in zip(seeds, grads):
+            c = round_coef(lr * g / n * s.unit)
+            if c == 0.0:
+                continue
+            for i, m in enumerate(self.modules):
+                rkey = stream_key(seed, i, STREAM_B if s.two_draws else STREAM_A)
+                update_codes_(m, tensor_key(seed, i), rkey, stream_key(seed, i, STREAM_C), c, s.levels,
+                              s.update_rounding == "nearest")
+
+    def replay_(self, record: dict) -> None:
+        """Perturbations never touch the codes, so replaying a step is its update alone."""
+        self.update_(record["seeds"], record["grads"], record["lr"])
+
+    def header(self) -> dict:
+        return {**super().header(), "perturb_bits": self.settings.perturb_bits,
+                "two_draws": self.settings.two_draws, "update_rounding": self.settings.update_rounding}

@@ -1,0 +1,109 @@
+"""Number formats, rounding, INT4 packing, quantized layers and their save/load."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from zolm import models
+from zolm.errors import ZolmError
+from zolm.quant import QuantConfig, QuantFormat, QuantLinear, quantize_
+from zolm.quant.primitives import (
+    compute_scales,
+    dequantize,
+    fp8_round,
+    pack_int4,
+    quantize,
+    round_stochastic,
+    unpack_int4,
+)
+
+FORMATS = [QuantFormat("int", 8), QuantFormat("int", 4, group_size=32), QuantFormat("int", 4),
+           QuantFormat("fp8", 8, "e4m3", 64), QuantFormat("fp8", 8, "e5m2")]
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_the_grid():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([0.3, -1.7, 2.5, -0.05, 6.999])
+    draws = torch.stack([round_stochastic(x, torch.rand(5, generator=g)) for _ in range(20000)])
+    assert torch.equal(draws, draws.round())  # integers
+    assert ((draws - x.floor()) >= 0).all() and ((draws - x.floor()) <= 1).all()  # a neighbour of x
+    assert torch.allclose(draws.mean(0), x, atol=4 * 0.5 / 20000**0.5)
+    assert not torch.allclose(x.round(), x)  # round-to-nearest differs: the test would catch a biased SR
+
+
+@pytest.mark.parametrize("variant", ["e4m3", "e5m2"])
+def test_fp8_stochastic_rounding_is_unbiased_and_on_the_fp8_grid(variant):
+    dtype = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[variant]
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor([1.3, -0.3, 0.0013, 100.5, -7.77])
+    draws = torch.stack([fp8_round(x, variant, torch.rand(5, generator=g)) for _ in range(20000)])
+    assert torch.equal(draws, draws.to(dtype).float()), "every draw is an FP8 value"
+    assert torch.allclose(draws.mean(0), x, rtol=0.01, atol=1e-4)
+    assert draws.unique().numel() <= 10  # two neighbours per value
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(-8, 8, (7, 10), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 5)
+    assert torch.equal(unpack_int4(packed), q)
+    with pytest.raises(ZolmError, match="even number of columns"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_quantize_then_dequantize_is_within_half_a_step(fmt):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    scale = compute_scales(w, fmt)
+    err = (dequantize(quantize(w, scale, fmt), scale, fmt) - w).abs()
+    if fmt.kind == "int":
+        half_step = (scale / 2).repeat_interleave(128 // scale.shape[1], dim=1)
+        assert (err <= half_step * (1 + 1e-6)).all()
+    else:  # half an FP8 ulp at the value's magnitude: relative 2^-(mantissa bits + 1), plus the subnormal floor
+        mant = 3 if fmt.fp8 == "e4m3" else 2
+        tiny = scale.repeat_interleave(128 // scale.shape[1], dim=1) * (2.0**-9 if mant == 3 else 2.0**-16)
+        assert (err <= w.abs() * 2.0 ** -(mant + 1) + tiny).all()
+
+
+def test_quant_linear_matches_dequantize_then_linear():
+    lin = nn.Linear(64, 32)
+    q = QuantLinear.from_linear(lin, QuantFormat("int", 4, group_size=32))
+    x = torch.randn(3, 64)
+    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-6)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (32, 32)  # two codes per byte
+
+
+def test_bad_formats_are_clear_errors():
+    with pytest.raises(ZolmError, match="unsupported bit width 3 for int; valid: 4, 8"):
+        QuantFormat("int", 3)
+    with pytest.raises(ZolmError, match="unknown number format 'nf4'; valid: int, fp8"):
+        QuantFormat("nf4", 4)
+    with pytest.raises(ZolmError, match="fp8 is an 8-bit format"):
+        QuantFormat("fp8", 4)
+    with pytest.raises(ZolmError, match="group_size 48 does not divide the 64 input columns"):
+        QuantLinear.from_linear(nn.Linear(64, 8), QuantFormat("int", 8, group_size=48))
+    with pytest.raises(ZolmError, match="unsupported bit width 2 for embeddings"):
+        QuantConfig(embed_bits=2)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat("int", 4, group_size=16), QuantFormat("fp8", 8)], ids=lambda f: f.name)
+def test_quantized_model_saves_and_loads_back(tiny_llama_dir, tmp_path, fmt):
+    model, tok = models.load(tiny_llama_dir)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    quantize_(model, QuantConfig(weight=fmt, embed_bits=8))
+    assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
+    assert type(model.lm_head).__name__ == "QuantTiedHead"  # one copy of the tied codes
+    qbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert qbytes < 0.35 * fp32_bytes
+    models.save(model, tok, tmp_path / "q")
+    loaded, _ = models.load(str(tmp_path / "q"))
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                             b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+    x = torch.tensor([[1, 7, 42, 99]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    with pytest.raises(ZolmError, match="already quantized"):
+        quantize_(copy.deepcopy(loaded), QuantConfig())
