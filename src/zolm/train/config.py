@@ -44,6 +44,7 @@ class FinetuneConfig:
     # which parameters train (regular expressions on parameter names; empty: all)
     train_params: list[str] = field(default_factory=list)
     freeze_params: list[str] = field(default_factory=list)
+    keep_sparsity: bool = True  # pruned tensors (>= 10% exact zeros) keep their zeros (zolm.train.sparsity)
     # first order
     max_grad_norm: float = 1.0
     lora_r: int = 8

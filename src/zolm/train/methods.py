@@ -24,6 +24,7 @@ from zolm import models
 from zolm.errors import ZolmError
 from zolm.eval.scoring import loss_count, task_loss_sum
 from zolm.train.config import FinetuneConfig
+from zolm.train.sparsity import mask_gradients_, mask_lora_, merge_masked_lora, sparsity_masks
 from zolm.utils.dist import Reducer, all_reduce_
 from zolm.zo.optimizer import DivergenceError, StepRecord, ZOConfig, ZOOptimizer
 from zolm.zo.rng import derive_seed
@@ -85,6 +86,11 @@ class ZOMethod:
     def build_optimizer(self, model, config: FinetuneConfig, zo: ZOConfig) -> ZOOptimizer:
         """The ZO optimiser over this method's parameter space (override for other spaces)."""
         params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
+        if config.keep_sparsity:  # a pruned model: perturb and update only its non-zero weights
+            masks = sparsity_masks(dict(zip(params.names, params.params)))
+            if masks:
+                params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params,
+                                  masks=masks)
         return ZOOptimizer(params, zo)
 
     @property
@@ -130,6 +136,8 @@ class FOMethod:
         torch.manual_seed(config.seed)  # LoRA initialisation
         if config.method == "fo-lora":
             model = self._wrap_lora(model, config)
+            if config.keep_sparsity:
+                mask_lora_(model)
         else:
             inc = [re.compile(p) for p in config.train_params] or [re.compile(".*")]
             exc = [re.compile(p) for p in config.freeze_params]
@@ -140,6 +148,8 @@ class FOMethod:
         named = self.trainable
         if not named:
             raise ZolmError("no trainable parameter: check --train-params / --freeze-params")
+        if config.keep_sparsity and config.method != "fo-lora":
+            mask_gradients_(named, sparsity_masks(named))
         params = list(named.values())
         if config.method == "fo-sgd":
             self.torch_optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -191,7 +201,7 @@ class FOMethod:
 
     def save_model(self, path: Path, tokenizer) -> None:
         """A plain transformers model (LoRA merged into the base weights)."""
-        model = self.model.merge_and_unload() if self.config.method == "fo-lora" else self.model
+        model = merge_masked_lora(self.model) if self.config.method == "fo-lora" else self.model
         models.save(model, tokenizer, path)
 
     def save(self, out: Path, tokenizer) -> None:
