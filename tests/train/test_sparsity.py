@@ -50,3 +50,27 @@ def test_fine_tuning_keeps_the_pruned_zeros(pruned_dir, data_dir, tmp_path, meth
 def test_dense_models_get_no_masks(tiny_llama_dir):
     model, _ = models.load(tiny_llama_dir)
     assert sparsity_masks(dict(model.named_parameters())) == {}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quzo_on_a_pruned_model_keeps_its_zeros_on_the_grid(pruned_dir, data_dir, tmp_path, bits):
+    """Compress-then-recover: the pruning mask is stored with the low-bit codes; QuZO never moves a zero."""
+    from zolm.quant import quantize_
+    from zolm.quant.primitives import unpack_int4
+
+    before = _zeros(f"{pruned_dir}/model.safetensors")
+    cfg = FinetuneConfig(out=str(tmp_path / "run"), model=pruned_dir, task="sst2", data_dir=data_dir, method="quzo",
+                         bits=bits, group_size=16 if bits == 4 else None, lr=5e-2, steps=4, batch_size=4,
+                         num_train=16, num_dev=4, num_test=4, eval_every=0)
+    finetune(cfg)
+    model, _ = models.load(str(tmp_path / "run" / "model"))
+    start, _ = models.load(pruned_dir)
+    quantize_(start, cfg.quant_config())  # the codes training started from (round to nearest: deterministic)
+    changed = 0
+    for name, zero in before.items():
+        module, first = (m.get_submodule(name.rsplit(".", 1)[0]) for m in (model, start))
+        codes, codes0 = (unpack_int4(x.qweight) if bits == 4 else x.qweight for x in (module, first))
+        assert module.sparsity_mask is not None, f"{name}: the pruning mask was not saved"
+        assert (codes[zero] == 0).all(), f"{name}: a pruned weight moved"
+        changed += int((codes != codes0).sum())
+    assert changed > 0, "the unpruned codes must still train"

@@ -17,6 +17,7 @@ from torch import nn
 from zolm.errors import ZolmError
 from zolm.quant.formats import QuantConfig, QuantFormat
 from zolm.quant.primitives import compute_scales, dequantize, group_view, quantize
+from zolm.utils.sparse import pack_mask, pruned_mask
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -38,6 +39,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=fmt.storage_dtype, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        # bit-packed W != 0 of a pruned layer (zolm.utils.sparse): training never moves its zeros
+        self.register_buffer("sparsity_mask", None)
         self.delta_hook: Callable[[QuantLinear, torch.Tensor], None] | None = None
 
     @classmethod
@@ -50,6 +53,9 @@ class QuantLinear(nn.Module):
         q.qweight.copy_(quantize(w, q.scale, fmt))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach().float())
+        mask = pruned_mask(w)
+        if mask is not None:
+            q.sparsity_mask = pack_mask(mask)
         return q
 
     def dequantize(self) -> torch.Tensor:

@@ -46,6 +46,9 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None):
         model = AutoModelForCausalLM.from_config(config)
     quantize_(model, QuantConfig.from_dict(settings), tied=tied)
     state = load_file(str(path / "model.safetensors"))
+    for key, value in state.items():  # optional buffers (pruning masks) exist only where they were saved
+        if key.endswith(".sparsity_mask"):
+            model.get_submodule(key.rsplit(".", 1)[0]).sparsity_mask = value
     model.load_state_dict(state, strict=True, assign=True)
     if device is not None:
         model.to(device)

@@ -17,16 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zolm.utils.sparse import PRUNED_THRESHOLD, pruned_mask
 
-def sparsity_masks(named: dict[str, torch.Tensor], threshold: float = 0.1) -> dict[str, torch.Tensor]:
+
+def sparsity_masks(named: dict[str, torch.Tensor], threshold: float = PRUNED_THRESHOLD) -> dict[str, torch.Tensor]:
     """{name: W != 0} for every tensor with at least ``threshold`` exact zeros (2-D weights only)."""
-    out = {}
-    for name, p in named.items():
-        if p.dim() == 2 and p.is_floating_point():
-            nz = p.detach() != 0
-            if 1.0 - nz.float().mean().item() >= threshold:
-                out[name] = nz
-    return out
+    masks = {name: pruned_mask(p, threshold) for name, p in named.items()}
+    return {name: m for name, m in masks.items() if m is not None}
 
 
 def mask_gradients_(named: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> list:
@@ -38,7 +35,7 @@ def mask_gradients_(named: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
     return handles
 
 
-def mask_lora_(peft_model, threshold: float = 0.1) -> int:
+def mask_lora_(peft_model, threshold: float = PRUNED_THRESHOLD) -> int:
     """Make every LoRA layer of a peft model whose base weight is pruned add (B A * scaling) * mask.
 
     Returns the number of masked layers. The masked delta is computed explicitly (r is small) and used both

@@ -22,6 +22,7 @@ below give identical integers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.quant.primitives import fp8_round
 from zolm.zo.optimizer import ZOConfig, ZOOptimizer
-from zolm.zo.rng import _KERNEL, M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key
+from zolm.zo.rng import _KERNEL, M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key, unpack_mask
 
 S_MAX = 510  # |s| <= 510 for the ih4 draw
 S_STD = math.sqrt(21845)
@@ -86,16 +87,20 @@ def direction(seed: int, index: int, n: int, settings: QuZOSettings, stream: int
     return lv.double() * settings.unit
 
 
-def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int) -> None:
-    """w += a * level (in place, float32 w): the virtual perturbation inside a QuantLinear forward."""
+def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Tensor | None = None) -> None:
+    """w += a * level (in place, float32 w) where the bit-packed ``mask`` is set: QuZO's virtual perturbation
+    inside a QuantLinear forward."""
     flat = w.view(-1)
     if backend_for(w) == "c":
         _KERNEL.get().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
-                                            torch.get_num_threads())
+                                            None if mask is None else mask.data_ptr(), torch.get_num_threads())
         return
     for s in range(0, flat.numel(), _CHUNK):
         m = min(_CHUNK, flat.numel() - s)
-        flat[s:s + m] += levels(s, m, key, rkey, L, w.device).to(torch.float32) * a
+        step = levels(s, m, key, rkey, L, w.device).to(torch.float32) * a
+        if mask is not None:
+            step = torch.where(unpack_mask(mask, m, s), step, torch.zeros_like(step))
+        flat[s:s + m] += step
 
 
 def _deltas(module: QuantLinear, start: int, n: int, key, rkey, ukey, c: float, L: int, rtn: bool):
@@ -114,12 +119,16 @@ def _deltas(module: QuantLinear, start: int, n: int, key, rkey, ukey, c: float, 
 
 @torch.no_grad()
 def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: bool) -> None:
-    """q <- clamp(q - R(c * level / s)) over the whole layer (INT8, packed INT4 or FP8 codes)."""
+    """q <- clamp(q - R(c * level / s)) over the whole layer (INT8, packed INT4 or FP8 codes), except where the
+    layer's ``sparsity_mask`` (the zeros of a pruned layer) is clear."""
     fmt, rows, cols = module.fmt, module.out_features, module.in_features
     group = fmt.group_size or cols
     q = module.qweight
-    if fmt.kind == "int" and q.device.type == "cpu" and _KERNEL.get() is not None and q.is_contiguous():
-        args = (rows, cols, group, module.scale.data_ptr(), *key, *rkey, *ukey, c, L, int(rtn))
+    mask = module.sparsity_mask
+    use_c = os.environ.get("ZOLM_KERNEL", "auto") != "torch" and _KERNEL.get() is not None
+    if fmt.kind == "int" and q.device.type == "cpu" and use_c and q.is_contiguous():
+        args = (rows, cols, group, module.scale.data_ptr(), *key, *rkey, *ukey, c, L, int(rtn),
+                None if mask is None else mask.data_ptr())
         if fmt.bits == 8:
             _KERNEL.get().zolm_quzo_update_int8(q.data_ptr(), *args, int(fmt.qmin), int(fmt.qmax),
                                                 torch.get_num_threads())
@@ -132,6 +141,9 @@ def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: b
     for s in range(0, values.numel(), _CHUNK):
         m = min(_CHUNK, values.numel() - s)
         d, delta = _deltas(module, s, m, key, rkey, ukey, c, L, rtn)
+        if mask is not None:
+            keep = ~unpack_mask(mask, m, s)
+            d, delta = d.masked_fill(keep, 0.0), delta.masked_fill(keep, 0.0)
         if fmt.kind == "int":
             values[s:s + m] = (values[s:s + m] - d).clamp(fmt.qmin, fmt.qmax)
         else:  # FP8: round the real target onto the FP8 grid
@@ -185,7 +197,8 @@ class QuZOOptimizer(ZOOptimizer):
         def hook(module: QuantLinear, w: torch.Tensor) -> None:
             if self._seed is not None and self._a != 0.0:
                 key = tensor_key(self._seed, i)
-                perturb_weight_(w, key, stream_key(self._seed, i, STREAM_A), self._a, self.settings.levels)
+                perturb_weight_(w, key, stream_key(self._seed, i, STREAM_A), self._a, self.settings.levels,
+                                module.sparsity_mask)
         return hook
 
     def apply_(self, seed: int, coef: float) -> float:

@@ -37,6 +37,7 @@ import torch
 
 from zolm.errors import unknown
 from zolm.utils.io import atomic_write_bytes
+from zolm.utils.sparse import pack_mask, unpack_mask  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +92,6 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x2C1B3C6D) & M32
     return x ^ (x >> 16)
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8 bit-packed (bit i & 7 of byte i >> 3), flattened: 1 bit per coordinate."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = (1 << torch.arange(8, dtype=torch.uint8, device=flat.device))
-    return (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
-    """Coordinates start .. start+n-1 of a bit-packed mask, as bool (start must be a multiple of 8)."""
-    assert start % 8 == 0
-    chunk = packed[start // 8:(start + n + 7) // 8]
-    bits = (chunk.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return bits.reshape(-1)[:n].bool()
 
 
 def hash_positions(start: int, n: int, key: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -170,9 +153,9 @@ class _CKernel:
                                       ctypes.c_void_p, ctypes.c_int]
         lib.zolm_draw_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_int, ctypes.c_int]
         lib.zolm_quzo_perturb_f32.argtypes = [ctypes.c_void_p, i64, u32, u32, u32, u32, ctypes.c_float,
-                                              ctypes.c_int32, ctypes.c_int]
+                                              ctypes.c_int32, ctypes.c_void_p, ctypes.c_int]
         upd = [ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, u32, u32, u32, u32, u32, u32, ctypes.c_float,
-               ctypes.c_int32, ctypes.c_int]
+               ctypes.c_int32, ctypes.c_int, ctypes.c_void_p]
         lib.zolm_quzo_update_int8.argtypes = upd + [ctypes.c_int32, ctypes.c_int32, ctypes.c_int]
         lib.zolm_quzo_update_int4.argtypes = upd + [ctypes.c_int]
         return lib

@@ -4,6 +4,8 @@
  * A b_p-bit perturbation level is SR(s_j * L / 510), L = 2^(b_p-1) - 1, computed in integers:
  *     level = floor((s * L * 2^24 + r * 510) / (510 * 2^24)),   r = 24 hash bits of an independent stream
  * so E[level * 510 / L] = s exactly and every backend gets the same integers.
+ * mask (optional, NULL: dense) is bit-packed like zo_axpy.c's: positions whose bit is clear are neither
+ * perturbed nor updated (the zeros of a pruned layer stay zero).
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +28,8 @@ static inline int64_t noise24(uint32_t j, uint32_t k1, uint32_t k2) {
     return (int64_t)(qmix32(qmix32(j ^ k1) ^ k2) >> 8);
 }
 
+#define MASKED_OUT(mask, j) ((mask) && !(((mask)[(j) >> 3] >> ((j) & 7)) & 1u))
+
 static inline int64_t floordiv(int64_t a, int64_t b) {  /* b > 0 */
     int64_t q = a / b;
     return (a % b != 0 && a < 0) ? q - 1 : q;
@@ -41,9 +45,12 @@ static inline int32_t level(uint32_t j, uint32_t k1, uint32_t k2, uint32_t kr1, 
 
 /* W[j] += a * level_j over a flat float32 tensor (the dequantized weight inside a forward pass). */
 void zolm_quzo_perturb_f32(float *w, int64_t n, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2,
-                           float a, int32_t L, int threads) {
+                           float a, int32_t L, const uint8_t *mask, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) w[j] = w[j] + (float)level((uint32_t)j, k1, k2, kr1, kr2, L) * a;
+    for (int64_t j = 0; j < n; j++) {
+        if (MASKED_OUT(mask, j)) continue;
+        w[j] = w[j] + (float)level((uint32_t)j, k1, k2, kr1, kr2, L) * a;
+    }
 }
 
 static inline int32_t step_codes(int64_t j, int64_t cols, int64_t group, int64_t ngroups, const float *scale,
@@ -61,10 +68,12 @@ static inline int32_t step_codes(int64_t j, int64_t cols, int64_t group, int64_t
 /* codes[j] = clamp(codes[j] - R(c * level_j / scale), qmin, qmax): R = SR (stream ku) or round-to-nearest. */
 void zolm_quzo_update_int8(int8_t *q, int64_t rows, int64_t cols, int64_t group, const float *scale,
                            uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1, uint32_t ku2,
-                           float c, int32_t L, int rtn, int32_t qmin, int32_t qmax, int threads) {
+                           float c, int32_t L, int rtn, const uint8_t *mask, int32_t qmin, int32_t qmax,
+                           int threads) {
     int64_t ngroups = cols / group, n = rows * cols;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < n; j++) {
+        if (MASKED_OUT(mask, j)) continue;
         int32_t v = (int32_t)q[j] - step_codes(j, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
         q[j] = (int8_t)(v < qmin ? qmin : (v > qmax ? qmax : v));
     }
@@ -73,7 +82,7 @@ void zolm_quzo_update_int8(int8_t *q, int64_t rows, int64_t cols, int64_t group,
 /* The same on INT4 codes packed two per byte (low nibble = even column), clamped to [-8, 7]. */
 void zolm_quzo_update_int4(uint8_t *q, int64_t rows, int64_t cols, int64_t group, const float *scale,
                            uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1, uint32_t ku2,
-                           float c, int32_t L, int rtn, int threads) {
+                           float c, int32_t L, int rtn, const uint8_t *mask, int threads) {
     int64_t ngroups = cols / group, nbytes = rows * cols / 2;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < nbytes; b++) {
@@ -81,8 +90,10 @@ void zolm_quzo_update_int4(uint8_t *q, int64_t rows, int64_t cols, int64_t group
         int32_t lo = (int32_t)(byte & 15u), hi = (int32_t)(byte >> 4);
         lo = (lo ^ 8) - 8;
         hi = (hi ^ 8) - 8;
-        lo -= step_codes(2 * b, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
-        hi -= step_codes(2 * b + 1, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
+        if (!MASKED_OUT(mask, 2 * b))
+            lo -= step_codes(2 * b, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
+        if (!MASKED_OUT(mask, 2 * b + 1))
+            hi -= step_codes(2 * b + 1, cols, group, ngroups, scale, k1, k2, kr1, kr2, ku1, ku2, c, L, rtn);
         lo = lo < -8 ? -8 : (lo > 7 ? 7 : lo);
         hi = hi < -8 ? -8 : (hi > 7 ? 7 : hi);
         q[b] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
