@@ -9,10 +9,12 @@ import sys
 
 from zolm import __version__
 from zolm.cli import eval as eval_cmd
-from zolm.cli import finetune, prune, quantize, replay
+from zolm.cli import export, finetune, prune, quantize, replay
 from zolm.errors import ZolmError
 
-COMMANDS = {"finetune": finetune, "prune": prune, "quantize": quantize, "eval": eval_cmd, "replay": replay}
+COMMANDS = {
+    "finetune": finetune, "prune": prune, "quantize": quantize, "eval": eval_cmd, "replay": replay, "export": export,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,34 @@
+"""``zolm export``: write a model as dense Hugging Face safetensors or as a GGUF file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model as dense safetensors (hf) or GGUF",
+                       description="hf: save_pretrained with float weights (low-bit layers dequantized), loadable "
+                                   "by plain transformers. gguf: a llama.cpp-compatible GGUF file (Llama family).")
+    p.add_argument("--model", required=True, help="built-in name, local directory (also zolm's low-bit form), hub id")
+    p.add_argument("--format", choices=("hf", "gguf"), required=True)
+    p.add_argument("--gguf-type", default="f16", help="f32, f16 or q8_0")
+    p.add_argument("--tokenizer-gguf", default=None,
+                   help="copy tokenizer metadata from this GGUF (default: the built-in SmolLM2 file if it matches)")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from zolm import models
+    from zolm.errors import ZolmError
+    from zolm.export import GGUF_TYPES, export_gguf, to_dense
+
+    if args.format == "gguf" and args.gguf_type not in GGUF_TYPES:
+        raise ZolmError(f"unknown GGUF tensor type {args.gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+    model, tok = models.load(args.model)
+    if args.format == "hf":
+        models.save(to_dense(model), tok, args.out)
+        print(json.dumps({"format": "hf", "out": args.out}))
+    else:
+        print(json.dumps(export_gguf(model, tok, args.out, args.gguf_type, args.tokenizer_gguf)))
+    return 0
