@@ -15,7 +15,7 @@ LAYERS = {
     "zolm.models": 1, "zolm.data": 1, "zolm.quant": 1, "zolm.blocks": 1, "zolm.compressed": 1,
     "zolm.eval": 2, "zolm.export": 2, "zolm.zo.rng": 2, "zolm.zo.spsa": 2, "zolm.prune": 2, "zolm.adapters": 2,
     "zolm.masks": 2,
-    "zolm.zo": 3, "zolm.train": 3,
+    "zolm.zo": 3, "zolm.train": 3, "zolm.pipeline": 3,
     "zolm.cli": 4, "zolm": 4,
 }
 

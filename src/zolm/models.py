@@ -141,10 +141,15 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
             raise ZolmError(f"{name_or_path} is not a model directory (no config.json); "
                             f"built-in models: {', '.join(BUILTIN)}")
     if looks_local:
+        from zolm.compressed import is_compressed, load_compressed
         from zolm.quant.serialize import is_quantized_dir, load_quantized
 
         if is_quantized_dir(p):
             return _finish(load_quantized(p, device), AutoTokenizer.from_pretrained(str(p)))
+        if is_compressed(p):  # a pruned model stored as bitmaps + non-zero values
+            model, tokenizer = load_compressed(p, dtype)
+            model = model.to(device) if device is not None else model
+            return _finish(model, tokenizer or AutoTokenizer.from_pretrained(str(p)))
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p) if looks_local else name_or_path)

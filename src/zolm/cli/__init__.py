@@ -9,11 +9,12 @@ import sys
 
 from zolm import __version__
 from zolm.cli import eval as eval_cmd
-from zolm.cli import export, finetune, prune, quantize, replay
+from zolm.cli import export, finetune, prune, quantize, replay, run
 from zolm.errors import ZolmError
 
 COMMANDS = {
-    "finetune": finetune, "prune": prune, "quantize": quantize, "eval": eval_cmd, "replay": replay, "export": export,
+    "finetune": finetune, "prune": prune, "quantize": quantize, "run": run, "eval": eval_cmd, "replay": replay,
+    "export": export,
 }
 
 

@@ -1,0 +1,101 @@
+"""Recipes: stages run in order, complete stages are skipped, an interrupted run restarts where it stopped."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zolm.errors import ZolmError
+from zolm.pipeline import Recipe, run_recipe
+
+
+def _recipe(tmp_path, model_dir, data_dir, steps=4) -> str:
+    text = f"""
+model: {model_dir}
+data_dir: {data_dir}
+out: {tmp_path / "out"}
+report: {{tasks: [sst2], num_test: 6}}
+stages:
+  - prune: {{method: magnitude, nm: "2:4"}}
+  - quantize: {{bits: 4, group_size: 16, embed_bits: 8}}
+  - finetune: {{method: quzo, task: sst2, steps: {steps}, lr: 0.05, batch_size: 4, num_train: 16, num_dev: 4,
+               num_test: 6, eval_every: 2}}
+  - eval: {{}}
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipe_runs_every_stage_and_keeps_sparsity_and_grid(tmp_path, tiny_llama_dir, data_dir):
+    from zolm import models
+    from zolm.quant.primitives import unpack_int4
+
+    summaries = run_recipe(Recipe.from_file(_recipe(tmp_path, tiny_llama_dir, data_dir)), echo=lambda s: None)
+    assert [s["stage"] for s in summaries] == ["input", "prune", "quantize", "finetune", "eval"]
+    assert summaries[0]["sparsity"]["pruned"] == 0.0
+    assert all(s["sparsity"]["pruned"] == pytest.approx(0.5) for s in summaries[1:])
+    assert summaries[2]["tensor_mib"] < 0.5 * summaries[1]["tensor_mib"]
+    final, _ = models.load(str(tmp_path / "out" / "3-finetune" / "run" / "model"))
+    for name, mod in final.named_modules():
+        if hasattr(mod, "sparsity_mask") and mod.sparsity_mask is not None:
+            codes = unpack_int4(mod.qweight)  # only grid values: 4-bit codes
+            assert codes.min() >= -8 and codes.max() <= 7
+            groups = codes.view(codes.shape[0], -1, 4)
+            assert ((groups != 0).sum(-1) <= 2).all(), f"{name} breaks 2:4 after fine-tuning"
+    assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"][3]["stage"] == "finetune"
+
+
+def test_an_interrupted_recipe_restarts_where_it_stopped(tmp_path, tiny_llama_dir, data_dir, monkeypatch):
+    import zolm.train.loop as loop
+
+    straight = tmp_path / "a"
+    straight.mkdir()
+    run_recipe(Recipe.from_file(_recipe(straight, tiny_llama_dir, data_dir)), echo=lambda s: None)
+    broken = tmp_path / "b"
+    broken.mkdir()
+    recipe = Recipe.from_file(_recipe(broken, tiny_llama_dir, data_dir))
+
+    class Stop(Exception):
+        pass
+
+    real = loop.finetune
+
+    def interrupted(config, overwrite=False, callbacks=()):
+        def cb(step, record):
+            if step == 3:
+                raise Stop
+        return real(config, overwrite, callbacks=[cb])
+
+    monkeypatch.setattr(loop, "finetune", interrupted)
+    with pytest.raises(Stop):
+        run_recipe(recipe, echo=lambda s: None)
+    monkeypatch.setattr(loop, "finetune", real)
+    lines = []
+    run_recipe(recipe, echo=lines.append)
+    skipped = [line for line in lines if line.endswith("complete, skipped")]
+    assert skipped == ["[0] input: complete, skipped", "[1] prune: complete, skipped",
+                       "[2] quantize: complete, skipped"]
+    a = load_file(str(straight / "out" / "3-finetune" / "run" / "model" / "model.safetensors"))
+    b = load_file(str(broken / "out" / "3-finetune" / "run" / "model" / "model.safetensors"))
+    as_bits = lambda t: t.view(torch.uint8) if t.dtype.itemsize == 1 else t  # noqa: E731
+    assert all(torch.equal(as_bits(a[k]), as_bits(b[k])) for k in a)
+
+
+def test_bad_recipes_are_one_line_errors(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("out: o\nstages:\n  - distill: {}\n")
+    with pytest.raises(ZolmError, match="unknown stage type \\(stage 1\\) 'distill'; valid: eval, finetune"):
+        Recipe.from_file(p)
+    p.write_text("out: o\nstages:\n  - prune: {method: wanda, sparsity: 1.5}\n")
+    with pytest.raises(ZolmError, match="sparsity must be in \\[0, 1\\)"):
+        Recipe.from_file(p)
+    p.write_text("out: o\nstages:\n  - finetune: {method: quzo, bits: 3}\n")
+    with pytest.raises(ZolmError, match="unsupported bit width 3"):
+        Recipe.from_file(p)
+    p.write_text("out: o\nstage: []\n")
+    with pytest.raises(ZolmError, match="unknown recipe key\\(s\\) stage"):
+        Recipe.from_file(p)
+    with pytest.raises(ZolmError, match="no such recipe file"):
+        Recipe.from_file(tmp_path / "none.yaml")
