@@ -112,11 +112,11 @@ class JsonlWriter:
             atomic_write_text(self.path, "")
         elif self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get(key, -1) <= truncate_after]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._f.flush()
 
     def close(self) -> None:
