@@ -107,3 +107,13 @@ def test_quantized_model_saves_and_loads_back(tiny_llama_dir, tmp_path, fmt):
         assert torch.equal(model(x).logits, loaded(x).logits)
     with pytest.raises(ZolmError, match="already quantized"):
         quantize_(copy.deepcopy(loaded), QuantConfig())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_native_dequantization_matches_torch_bitwise(monkeypatch, fmt):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    scale = compute_scales(w, fmt)
+    q = quantize(w, scale, fmt)
+    native_result = dequantize(q, scale, fmt)
+    monkeypatch.setenv("ZOLM_KERNEL", "torch")
+    assert torch.equal(native_result, dequantize(q, scale, fmt))

@@ -12,6 +12,7 @@ import torch
 
 from zolm.errors import ZolmError
 from zolm.quant.formats import FP8, QuantFormat
+from zolm.utils import native
 
 
 def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -78,8 +79,35 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torc
     return float_to_codes(x, fmt)
 
 
+_LUTS: dict[str, torch.Tensor] = {}
+
+
+def _lut(fmt: QuantFormat) -> torch.Tensor:
+    """The real value of each of the 256 byte patterns of an 8-bit format (torch's own conversion)."""
+    key = fmt.name.split("-g")[0]
+    if key not in _LUTS:
+        b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        dtype = torch.int8 if fmt.kind == "int" else FP8[fmt.fp8][0]
+        _LUTS[key] = b.view(dtype).float().contiguous()
+    return _LUTS[key]
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """W = s * q, float32 [out, in]."""
+    """W = s * q, float32 [out, in] (a native kernel on the CPU; the same bits as the torch expression)."""
+    lib = native.lib()
+    if lib is not None and codes.device.type == "cpu" and codes.is_contiguous() and scale.is_contiguous():
+        rows = codes.shape[0]
+        packed = fmt.kind == "int" and fmt.bits == 4
+        cols = codes.shape[1] * (2 if packed else 1)
+        group = fmt.group_size or cols
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        if packed:
+            lib.zolm_dequant_int4(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), rows, cols, group,
+                                  torch.get_num_threads())
+        else:
+            lib.zolm_dequant_lut8(codes.view(torch.uint8).data_ptr(), _lut(fmt).data_ptr(), scale.data_ptr(),
+                                  out.data_ptr(), rows, cols, group, torch.get_num_threads())
+        return out
     q = codes_to_float(codes, fmt)
     return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
 

@@ -22,7 +22,6 @@ below give identical integers.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +29,9 @@ import torch
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.quant.primitives import fp8_round
+from zolm.utils import native
 from zolm.zo.optimizer import ZOConfig, ZOOptimizer
-from zolm.zo.rng import _KERNEL, M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key, unpack_mask
+from zolm.zo.rng import M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key, unpack_mask
 
 S_MAX = 510  # |s| <= 510 for the ih4 draw
 S_STD = math.sqrt(21845)
@@ -92,7 +92,7 @@ def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Te
     inside a QuantLinear forward."""
     flat = w.view(-1)
     if backend_for(w) == "c":
-        _KERNEL.get().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
+        native.lib().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
                                             None if mask is None else mask.data_ptr(), torch.get_num_threads())
         return
     for s in range(0, flat.numel(), _CHUNK):
@@ -125,15 +125,15 @@ def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: b
     group = fmt.group_size or cols
     q = module.qweight
     mask = module.sparsity_mask
-    use_c = os.environ.get("ZOLM_KERNEL", "auto") != "torch" and _KERNEL.get() is not None
+    use_c = native.lib() is not None
     if fmt.kind == "int" and q.device.type == "cpu" and use_c and q.is_contiguous():
         args = (rows, cols, group, module.scale.data_ptr(), *key, *rkey, *ukey, c, L, int(rtn),
                 None if mask is None else mask.data_ptr())
         if fmt.bits == 8:
-            _KERNEL.get().zolm_quzo_update_int8(q.data_ptr(), *args, int(fmt.qmin), int(fmt.qmax),
+            native.lib().zolm_quzo_update_int8(q.data_ptr(), *args, int(fmt.qmin), int(fmt.qmax),
                                                 torch.get_num_threads())
         else:
-            _KERNEL.get().zolm_quzo_update_int4(q.data_ptr(), *args, torch.get_num_threads())
+            native.lib().zolm_quzo_update_int4(q.data_ptr(), *args, torch.get_num_threads())
         return
     from zolm.quant.primitives import codes_to_float, float_to_codes
 

@@ -24,22 +24,13 @@ FMA or not.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import subprocess
-from pathlib import Path
 
 import torch
 
 from zolm.errors import unknown
-from zolm.utils.io import atomic_write_bytes
+from zolm.utils import native
 from zolm.utils.sparse import pack_mask, unpack_mask  # noqa: F401  (re-exported)
-
-log = logging.getLogger(__name__)
 
 M32 = 0xFFFFFFFF
 M64 = 0xFFFFFFFFFFFFFFFF
@@ -109,59 +100,8 @@ def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: t
     return s.to(torch.float32)
 
 
-# --------------------------------------------------------------------------------------------- C kernel
-class _CKernel:
-    """gcc-compiled OpenMP kernel, cached per source, compiler and CPU; None when it cannot be built."""
-
-    def __init__(self) -> None:
-        self.lib: ctypes.CDLL | None = None
-        self.tried = False
-
-    def get(self) -> ctypes.CDLL | None:
-        if not self.tried:
-            self.tried = True
-            try:
-                self.lib = self._build()
-            except (OSError, subprocess.SubprocessError) as e:
-                log.warning("zolm: C kernel unavailable (%s); using the slower torch kernel", e)
-        return self.lib
-
-    @staticmethod
-    def _build() -> ctypes.CDLL:
-        srcs = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
-        cc = os.environ.get("CC", "gcc")
-        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        cpu = ""
-        if Path("/proc/cpuinfo").exists():
-            cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        text = "".join(s.read_text() for s in srcs)
-        tag = hashlib.sha256("\0".join([text, version, " ".join(flags), cpu, platform.machine()])
-                             .encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("ZOLM_CACHE", Path.home() / ".cache" / "zolm")) / "kernels"
-        so = cache / f"zo_axpy-{tag}.so"
-        if not so.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = so.with_suffix(f".{os.getpid()}.so")
-            subprocess.run([cc, *flags, *map(str, srcs), "-o", str(tmp), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-            atomic_write_bytes(so, tmp.read_bytes())
-            tmp.unlink()
-        lib = ctypes.CDLL(str(so))
-        i64, u32 = ctypes.c_int64, ctypes.c_uint32
-        lib.zolm_axpy_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_float, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_int]
-        lib.zolm_draw_f32.argtypes = [ctypes.c_void_p, i64, i64, u32, u32, ctypes.c_int, ctypes.c_int]
-        lib.zolm_quzo_perturb_f32.argtypes = [ctypes.c_void_p, i64, u32, u32, u32, u32, ctypes.c_float,
-                                              ctypes.c_int32, ctypes.c_void_p, ctypes.c_int]
-        upd = [ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, u32, u32, u32, u32, u32, u32, ctypes.c_float,
-               ctypes.c_int32, ctypes.c_int, ctypes.c_void_p]
-        lib.zolm_quzo_update_int8.argtypes = upd + [ctypes.c_int32, ctypes.c_int32, ctypes.c_int]
-        lib.zolm_quzo_update_int4.argtypes = upd + [ctypes.c_int]
-        return lib
-
-
-_KERNEL = _CKernel()
+def _lib():
+    return native.lib()
 
 
 def backend_for(p: torch.Tensor) -> str:
@@ -169,9 +109,7 @@ def backend_for(p: torch.Tensor) -> str:
 
     ``ZOLM_KERNEL=torch`` forces the torch implementation (same bits, slower on CPU).
     """
-    if os.environ.get("ZOLM_KERNEL", "auto") == "torch":
-        return "torch"
-    if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and _KERNEL.get() is not None:
+    if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and _lib() is not None:
         return "c"
     return "torch"
 
@@ -186,9 +124,9 @@ def draw(n: int, key: tuple[int, int], sampler: str = "ih4", start: int = 0,
         raise ValueError("a parameter may hold at most 2^32 elements")
     device = torch.device(device)
     out = torch.empty(n, dtype=torch.float32, device=device)
-    use_c = (backend or ("c" if device.type == "cpu" else "torch")) == "c" and _KERNEL.get() is not None
-    if use_c and os.environ.get("ZOLM_KERNEL", "auto") != "torch":
-        _KERNEL.get().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, torch.get_num_threads())
+    use_c = (backend or ("c" if device.type == "cpu" else "torch")) == "c" and _lib() is not None
+    if use_c:
+        _lib().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, torch.get_num_threads())
     else:
         for s in range(0, n, _CHUNK):
             m = min(_CHUNK, n - s)
@@ -222,7 +160,7 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
             raise ValueError(f"mask must be bool of shape {tuple(p.shape)} or {(n + 7) // 8} packed uint8 bytes")
     if backend_for(p) == "c":
         mptr = None if packed is None else packed.data_ptr()
-        _KERNEL.get().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a, sid, mptr,
+        _lib().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a, sid, mptr,
                                     torch.get_num_threads())
     else:
         for s in range(0, n, _CHUNK):
