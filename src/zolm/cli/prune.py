@@ -9,7 +9,7 @@ from pathlib import Path
 from zolm.errors import ZolmError
 from zolm.prune.api import METHODS, PruneConfig
 
-DEFAULT_RO_LR = 1e-5  # tuned on SmolLM2-135M (docs/pruning.md); the paper's 3e-7 is for LLaMA-7B
+DEFAULTS = PruneConfig()  # one source of defaults for the flags below
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,17 +32,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (paper: 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (paper: 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and RO draws")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per block forward")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="sequences per block forward")
     p.add_argument("--dtype", default="float32")
     wpp = p.add_argument_group("Wanda++")
-    wpp.add_argument("--alpha", type=float, default=100.0, help="weight of the regional gradient term")
-    wpp.add_argument("--ro-rounds", type=int, default=5, help="regional optimisation rounds per block")
-    wpp.add_argument("--ro-samples", type=int, default=16, help="calibration inputs drawn per round (paper: 32)")
-    wpp.add_argument("--ro-lr", type=float, default=DEFAULT_RO_LR, help="RMSprop learning rate of RO")
+    wpp.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="weight of the regional gradient term")
+    wpp.add_argument("--ro-rounds", type=int, default=DEFAULTS.ro_rounds, help="regional optimisation rounds")
+    wpp.add_argument("--ro-samples", type=int, default=DEFAULTS.ro_samples,
+                     help="calibration inputs drawn per round, one RMSprop step each (paper: 32)")
+    wpp.add_argument("--ro-lr", type=float, default=DEFAULTS.ro_lr,
+                     help="RMSprop learning rate of RO (tuned at 135M; the paper's 3e-7 is for LLaMA-7B)")
     wpp.add_argument("--no-ro", action="store_true", help="RGS only: skip regional optimisation")
     sgpt = p.add_argument_group("SparseGPT")
-    sgpt.add_argument("--blocksize", type=int, default=128)
-    sgpt.add_argument("--damp", type=float, default=0.01, help="dampening, as a fraction of mean(diag H)")
+    sgpt.add_argument("--blocksize", type=int, default=DEFAULTS.blocksize, help="columns per lazy-update block")
+    sgpt.add_argument("--damp", type=float, default=DEFAULTS.damp, help="dampening, as a fraction of mean(diag H)")
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:

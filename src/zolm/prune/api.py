@@ -35,7 +35,8 @@ METHODS = {
     "sparsegpt": "OBS saliency w^2 / [H^-1]_jj^2 with weight updates",
     "wanda++": "(alpha * G + ||X_j||) * |W| with regional gradients G, then regional optimisation",
 }
-DEFAULT_RO_LR = 3e-7  # the paper's value for LLaMA-7B; retune per model (docs/pruning.md gives 135M's)
+PAPER_RO_LR = 3e-7  # Wanda++'s RMSprop lr for LLaMA-7B
+DEFAULT_RO_LR = 1e-5  # re-tuned for SmolLM2-135M (benchmarks/prune_ro_lr.py; docs/pruning.md)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PruneConfig:
     nm: str | None = None
     alpha: float = 100.0  # Wanda++: weight of the regional gradient term
     ro_rounds: int = 5  # Wanda++: regional optimisation rounds K (0 = RGS only)
-    ro_samples: int = 32  # Wanda++: inputs drawn per round M (one RMSprop step each)
+    ro_samples: int = 16  # Wanda++: inputs drawn per round M, one RMSprop step each (paper: 32 of 128)
     ro_lr: float = DEFAULT_RO_LR  # Wanda++: RMSprop learning rate
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     damp: float = 0.01  # SparseGPT: lambda = damp * mean(diag H)

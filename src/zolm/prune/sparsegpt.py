@@ -91,21 +91,21 @@ class SparseGPT:
             U1 = U[i1:i2, i1:i2]
             d = torch.diag(U1)  # [count]
             err1 = torch.zeros_like(W1)
-            if nm is None:
-                keep1 = layer_mask(W1.pow(2) / d.pow(2).unsqueeze(0), sparsity)
-            else:
-                keep1 = torch.ones_like(W1, dtype=torch.bool)
+            if nm is None:  # the block's mask at once, from the saliency of the current weights
+                drop1 = ~layer_mask(W1.pow(2) / d.pow(2).unsqueeze(0), sparsity)
+            else:  # N:M: each group's mask when the sweep reaches it
+                drop1 = torch.zeros_like(W1, dtype=torch.bool)
             for j in range(i2 - i1):
                 if nm is not None and j % nm[1] == 0:
                     sal = W1[:, j:j + nm[1]].pow(2) / d[j:j + nm[1]].pow(2).unsqueeze(0)
-                    keep1[:, j:j + nm[1]] = nm_mask(sal, *nm)
+                    drop1[:, j:j + nm[1]] = ~nm_mask(sal, *nm)
                 w = W1[:, j]
-                q = torch.where(keep1[:, j], w, torch.zeros_like(w))
+                q = w.masked_fill(drop1[:, j], 0.0)
                 e = (w - q) / d[j]
-                loss += float(e.pow(2).sum()) / 2
-                W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # OBS update of this block's columns
+                W1[:, j:].addr_(e, U1[j, j:], alpha=-1.0)  # OBS update of this block's columns
                 W1[:, j] = q  # exact zeros (the update above leaves q up to rounding)
                 err1[:, j] = e
+            loss += float(err1.pow(2).sum()) / 2
             W[:, i1:i2] = W1
             W[:, i2:] -= err1 @ U[i1:i2, i2:]  # lazy update of all later columns
         target.copy_(W.to(target.dtype))
