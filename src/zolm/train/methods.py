@@ -193,6 +193,20 @@ class FOMethod:
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
 
 
+def _adapter_method(name: str):
+    """Adapter methods subclass the two classes above, so they are imported when first built (no cycle)."""
+    def build(model, config: FinetuneConfig, run_dir: Path | None = None):
+        from zolm.train import adapter_methods
+
+        return getattr(adapter_methods, name)(model, config, run_dir)
+    return build
+
+
+METHODS["adazeta"] = _adapter_method("AdaZetaMethod")  # ZO on TT adapters, adaptive queries (docs/adazeta.md)
+METHODS["mezo-lora"] = _adapter_method("MeZOLoRAMethod")  # ZO on peft LoRA A/B
+METHODS["fo-tt"] = _adapter_method("FOTTMethod")  # first-order (AdamW) TT adapters
+
+
 def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):
     """The method ``config.method`` around ``model``; ``run_dir`` holds method artefacts (e.g. masks)."""
     return METHODS[config.method](model, config, run_dir)
