@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, environment, peak_mib, reset_peak, run_worker  # noqa: E402
 
 METHODS = ("mezo", "mezo-lora", "adazeta-fixed", "adazeta")
+SCALE_KEYS = ("budget", "batch", "num_train", "num_val", "num_test", "points", "lr_mezo", "lr_lora", "eps_lora",
+              "lr_adazeta", "eps_adazeta", "wd_adazeta", "tt_scaling", "fixed_q", "q_alpha", "q_beta", "q_max",
+              "q_target")
 FAMILY = {"mezo": "base", "mezo-lora": "base", "adazeta-fixed": "tt", "adazeta": "tt"}  # same model at step 0
 
 
@@ -52,6 +55,7 @@ def run_config(args, task: str, method: str, steps: int, out: Path, eval_before:
         kw.update(method="mezo-lora", lr=args.lr_lora, eps=args.eps_lora)
     else:
         kw.update(method="adazeta", lr=args.lr_adazeta, eps=args.eps_adazeta, weight_decay=args.wd_adazeta,
+                  tt_scaling=args.tt_scaling,
                   q_alpha=args.q_alpha, q_beta=args.q_beta, q_max=args.q_max, q_target=args.q_target)
         kw.update(q_schedule="fixed", queries=args.fixed_q) if method == "adazeta-fixed" else kw.update(
             q_schedule="adaptive")
@@ -268,12 +272,13 @@ def main() -> None:
     ap.add_argument("--num-test", type=int, default=256)
     ap.add_argument("--points", type=int, default=6, help="validation points after step 0")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr-mezo", type=float, default=1e-5)
-    ap.add_argument("--lr-lora", type=float, default=1e-3)
+    ap.add_argument("--lr-mezo", type=float, default=3e-5)
+    ap.add_argument("--lr-lora", type=float, default=3e-3)
     ap.add_argument("--eps-lora", type=float, default=1e-2)
-    ap.add_argument("--lr-adazeta", type=float, default=1e-3)
+    ap.add_argument("--lr-adazeta", type=float, default=3e-4)
     ap.add_argument("--eps-adazeta", type=float, default=1e-3)
     ap.add_argument("--wd-adazeta", type=float, default=0.0)
+    ap.add_argument("--tt-scaling", type=float, default=1.0, help="adapter scaling s (paper 1.0)")
     ap.add_argument("--fixed-q", type=int, default=1)
     ap.add_argument("--q-alpha", type=float, default=0.85)
     ap.add_argument("--q-beta", type=float, default=None, help="default: fitted to reach --q-target")
@@ -350,8 +355,7 @@ def main() -> None:
     alignment = {} if args.no_alignment else run_worker(__file__, f"alignment:{args.max_q}", args.model, tasks[0],
                                                           str(args.batch))
     summary = {"benchmark": "adazeta", "model": args.model, "quick": args.quick,
-               "scale": {k: getattr(args, k) for k in ("budget", "batch", "num_train", "num_val", "num_test",
-                                                       "points", "fixed_q", "q_alpha", "q_beta", "q_max", "q_target")},
+               "scale": {k: getattr(args, k) for k in SCALE_KEYS},
                "target": "to_target: first point with validation loss <= the lowest MeZO-LoRA reaches within the "
                          "budget (after step 0); to_target_drop: first point whose loss is below the method's own "
                          "start by at least MeZO-LoRA's largest drop (fair when inits differ)",

@@ -205,27 +205,32 @@ def test_relu_adapters_refuse_to_merge(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_adapters_counts_and_initial_effect(smollm2, smollm2_tokenizer):
+def test_smollm2_adapters_counts_and_initial_effect(smollm2):
     """papers.md 9.2 on the real model: 90 adapters, 179,100 parameters (vs LoRA r=8 on q,v: 460,800), shapes
-    from its config (576 = 8 x 8 x 9); the initial adapters move the next-token distribution only a little."""
+    from its config (576 = 8 x 8 x 9). The paper's initialisation (s = 1) is *not* a small change at 135M: the
+    output adapters scale with down_proj's output (RMS ~90 in the last block), so the next-token distribution
+    moves by > 1 nat (docs/adazeta.md); at s = 0.1 it moves by < 0.1 nat and the top token stays."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
     base, tok = smollm2
-    ids = smollm2_tokenizer(["The movie was great. It was", "Paris is the capital of"], return_tensors="pt",
-                            padding=True)
+    ids = tok(["The movie was great. It was", "Paris is the capital of", "Question: is the sky blue? Answer:"],
+              return_tensors="pt", padding=True)
     with torch.no_grad():
         ref = torch.log_softmax(base(**ids).logits[:, -1], -1)
-    model = copy.deepcopy(base)
-    names = add_tt_adapters(model)
+    kl = {}
+    for s in (1.0, 0.1):
+        model = copy.deepcopy(base)
+        names = add_tt_adapters(model, TTAdapterConfig(scaling=s))
+        with torch.no_grad():
+            got = torch.log_softmax(model(**ids).logits[:, -1], -1)
+        kl[s] = float((ref.exp() * (ref - got)).sum(-1).max())
+        same_top = bool((got.argmax(-1) == ref.argmax(-1)).all())
     assert len(names) == 3 * model.config.num_hidden_layers == 90
     w = model.get_submodule(names[0])
     assert (w.tt_adapter.down.in_modes, w.tt_adapter.down.out_modes) == ([8, 8, 9], [4, 4, 4])
     assert sum(p.numel() for p in adapter_parameters(model).values()) == 179_100
-    with torch.no_grad():
-        got = torch.log_softmax(model(**ids).logits[:, -1], -1)
-    kl = float((ref.exp() * (ref - got)).sum(-1).max())
-    assert 0 < kl < 1.0, kl
+    assert kl[1.0] > 1.0 and 0 < kl[0.1] < 0.1 and same_top, kl
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == 460_800
