@@ -128,7 +128,8 @@ def test_run_directory_guards(tiny_llama_dir, data_dir, tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ZolmError, match="unknown method 'sgd'; valid: fo-adamw, fo-lora, fo-sgd, "):
+    valid = "adazeta, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mezo, mezo-lora, quant-mezo, quzo"
+    with pytest.raises(ZolmError, match=f"unknown method 'sgd'; valid: {valid}"):
         FinetuneConfig(out="x", method="sgd")
     with pytest.raises(ZolmError, match="steps must be >= 1"):
         FinetuneConfig(out="x", steps=0)

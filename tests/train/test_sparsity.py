@@ -52,6 +52,13 @@ def test_dense_models_get_no_masks(tiny_llama_dir):
     assert sparsity_masks(dict(model.named_parameters())) == {}
 
 
+def test_all_zero_tensors_are_initialisations_not_pruned():
+    """LoRA's B starts at zero: masking it would freeze it forever."""
+    half = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    masks = sparsity_masks({"b": torch.zeros(4, 4), "w": half})
+    assert list(masks) == ["w"] and torch.equal(masks["w"], half != 0)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quzo_on_a_pruned_model_keeps_its_zeros_on_the_grid(pruned_dir, data_dir, tmp_path, bits):
     """Compress-then-recover: the pruning mask is stored with the low-bit codes; QuZO never moves a zero."""

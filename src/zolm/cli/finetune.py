@@ -18,7 +18,7 @@ HELP = {
     "data_dir": "folder of <task>/<split>.jsonl files (default: the Hugging Face hub)",
     "lr": "learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
     "lr_schedule": f"{' or '.join(SCHEDULES)}",
-    "eps": "ZO perturbation scale",
+    "eps": "ZO perturbation scale (default 1e-3; mezo-lora 1e-2)",
     "queries": "ZO queries (SPSA estimates) per step",
     "sampler": "ZO perturbation distribution: ih4 (Irwin-Hall ~ Gaussian) or rademacher",
     "train_params": "regular expressions of parameter names to train (default: all)",
@@ -28,6 +28,23 @@ HELP = {
     "checkpoint_every": "write a resumable checkpoint every N steps (default: eval_every)",
     "eval_before": "evaluate on test before training (zero-shot)",
 }
+HELP.update({  # adapter methods: adazeta, mezo-lora, fo-tt (docs/adazeta.md)
+    "tt_rank": "TT rank of the AdaZeta adapters",
+    "tt_bottleneck": "TT adapter bottleneck size",
+    "tt_modes": "TT modes each side of a TT layer is factorised into",
+    "tt_hidden_modes": "explicit factorisation of the adapted side (default: balanced factors of its size)",
+    "tt_activation": "adapter activation: relu (paper) or identity (linear, mergeable into the weights)",
+    "tt_scaling": "adapter scaling s in x + s * TT_up(act(TT_down(x)))",
+    "tt_bias": "TT layers with a bias",
+    "tt_placement": "where adapters go, as module_pattern:input|output (default by architecture: Llama "
+                    "gate_proj:input up_proj:input down_proj:output; OPT fc1:input fc2:output)",
+    "q_schedule": "adazeta queries per step: adaptive, Q_e = min(max(floor(q_alpha e^q_beta), 1), q_max) at "
+                  "epoch e, or fixed (--queries)",
+    "q_alpha": "multiplier of the adaptive query schedule",
+    "q_beta": "exponent of the adaptive query schedule (default: fitted so Q reaches q_target at the last epoch)",
+    "q_max": "cap of the adaptive query schedule (paper 20; AdaZeta's script 15)",
+    "q_target": "Q at the last epoch when q_beta is fitted",
+})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

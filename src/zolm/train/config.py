@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from zolm.errors import ZolmError, unknown
+from zolm.train import adapter_options
 
-METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste")
+METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste", "adazeta", "mezo-lora",
+           "fo-tt")
 # Learning rates used when none is given (papers.md section 10, at 135M on CPU).
 DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4, "quzo": 1e-6, "quant-mezo": 1e-6,
               "fo-ste": 1e-5}
+DEFAULT_LR.update({"adazeta": 1e-4, "mezo-lora": 1e-4, "fo-tt": 1e-3})  # AdaZeta (docs/adazeta.md)
+DEFAULT_EPS = {"mezo-lora": 1e-2}  # ZO perturbation scale when none is given (MeZO App. E); others 1e-3
 QUANT_METHODS = ("quzo", "quant-mezo", "fo-ste")
 SCHEDULES = ("constant", "linear")
 
@@ -38,7 +42,7 @@ class FinetuneConfig:
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
     # zeroth-order
-    eps: float = 1e-3
+    eps: float | None = None  # None: DEFAULT_EPS[method], else 1e-3
     queries: int = 1
     sampler: str = "ih4"
     # which parameters train (regular expressions on parameter names; empty: all)
@@ -72,6 +76,20 @@ class FinetuneConfig:
     checkpoint_every: int | None = None  # None: same as eval_every
     eval_batch_size: int = 16
     eval_before: bool = True
+    # ---- AdaZeta and adapter methods (adazeta, mezo-lora, fo-tt; docs/adazeta.md) ----
+    tt_rank: int = 5
+    tt_bottleneck: int = 64
+    tt_modes: int = 3  # TT modes per side of each TT layer
+    tt_hidden_modes: list[int] = field(default_factory=list)  # empty: factorise the layer's size (balanced)
+    tt_activation: str = "relu"  # relu (paper) or identity (mergeable)
+    tt_scaling: float = 1.0
+    tt_bias: bool = True
+    tt_placement: list[str] = field(default_factory=list)  # "module_pattern:input|output"; empty: by architecture
+    q_schedule: str = "adaptive"  # adazeta queries per step: adaptive (Q_e) or fixed (--queries)
+    q_alpha: float = 0.85
+    q_beta: float | None = None  # None: fitted so that Q reaches q_target at the last epoch (AdaZeta code)
+    q_max: int = 20
+    q_target: float = 20.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +98,8 @@ class FinetuneConfig:
             raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
+        if self.eps is None:
+            self.eps = DEFAULT_EPS.get(self.method, 1e-3)
         for name in ("steps", "batch_size", "grad_accum", "queries", "eval_batch_size", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -101,6 +121,7 @@ class FinetuneConfig:
             self.checkpoint_every = self.eval_every
         if self.checkpoint_every < 0:
             raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        adapter_options.validate(self)
 
     def quant_config(self):
         """The QuantConfig of the quantized methods (imported lazily: zolm.quant is optional here)."""

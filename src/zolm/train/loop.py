@@ -178,6 +178,8 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
             loss = result.loss if method.is_zo else result
             state["forward_passes"] += method.forwards_per_step * sum(len(i) for i in per_task)
             record = {"step": step, "loss": loss, "lr": lr, "epoch": epoch, "forward_passes": state["forward_passes"]}
+            if method.is_zo:
+                record["queries"] = len(result.seeds)  # SPSA queries this step (varies under AdaZeta's schedule)
             if len(names) > 1:
                 record["task_loss"] = dict(zip(names, method.last_task_losses))
             metrics.write(record)

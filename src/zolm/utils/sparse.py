@@ -31,8 +31,12 @@ def unpack_mask(packed: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
 
 
 def pruned_mask(weight: torch.Tensor, threshold: float = PRUNED_THRESHOLD) -> torch.Tensor | None:
-    """``weight != 0`` if ``weight`` looks pruned (2-D, at least ``threshold`` exact zeros), else None."""
+    """``weight != 0`` if ``weight`` looks pruned (2-D, at least ``threshold`` exact zeros), else None.
+
+    An all-zero tensor is a zero initialisation (LoRA's B), not a pruning result: None.
+    """
     if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type == "meta":
         return None
     nz = weight.detach() != 0
-    return nz if 1.0 - nz.float().mean().item() >= threshold else None
+    density = nz.float().mean().item()
+    return nz if 0.0 < density <= 1.0 - threshold else None

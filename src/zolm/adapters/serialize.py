@@ -1,0 +1,146 @@
+"""TT adapters on disk, PEFT style: ``adapter_config.json`` + ``adapter_model.safetensors`` in one directory.
+
+The JSON names the adapter type (``zolm-tt``), the base model, rank, bottleneck, activation, scaling, the
+placement and, per wrapped module, its side and TT modes; the safetensors file holds only adapter tensors,
+keyed by their parameter names in the adapted model. Loading rebuilds exactly the saved wrappers on a base
+model and copies the tensors in (shapes and names must match).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters
+from zolm.adapters.tt import TTAdapter
+from zolm.errors import ZolmError
+from zolm.utils.io import atomic_dir, atomic_write_json
+
+ADAPTER_TYPE = "zolm-tt"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _zolm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zolm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory written by :func:`save_adapters`."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("adapter_type") == ADAPTER_TYPE
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """The JSON config of an adapter directory; ZolmError when ``path`` is not one."""
+    if not is_adapter_dir(path):
+        raise ZolmError(f"{path} is not a zolm TT adapter directory (no {CONFIG_FILE} with "
+                        f"adapter_type={ADAPTER_TYPE!r})")
+    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def save_adapters(model: nn.Module, path: str | Path, base_model: str | None = None, tokenizer=None) -> Path:
+    """Write the model's TT adapters to the directory ``path`` (replaced atomically).
+
+    Args:
+        model: a model with adapters added by :func:`zolm.adapters.add_tt_adapters`.
+        path: the adapter directory.
+        base_model: what to load the base from (default: ``model.config.name_or_path``).
+        tokenizer: saved alongside when given (so the directory is self-describing).
+    """
+    layers = adapter_layers(model)
+    config = getattr(model, "zolm_adapter_config", None)
+    if not layers or config is None:
+        raise ZolmError("the model has no TT adapters to save")
+    base = base_model or getattr(getattr(model, "config", None), "name_or_path", None) or ""
+    meta = {
+        "adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, "zolm_version": _zolm_version(),
+        "base_model": str(base), **asdict(config),
+        "targets": {name: {"side": w.side, "hidden_modes": w.tt_adapter.down.in_modes,
+                           "bottleneck_modes": w.tt_adapter.down.out_modes} for name, w in layers.items()},
+    }
+    tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_parameters(model).items()}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "adapter_type": ADAPTER_TYPE})
+        atomic_write_json(tmp / CONFIG_FILE, meta)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
+    """Add the adapters saved in ``path`` to a base ``model`` (in place) and load their weights.
+
+    The base model is frozen and the adapters are trainable, as after ``add_tt_adapters``. Raises ZolmError
+    when a saved target is missing from the model or its size differs.
+    """
+    meta = read_adapter_config(path)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ZolmError(f"{path} was written by a newer zolm (adapter format {meta['format_version']})")
+    known = {f.name for f in fields(TTAdapterConfig)}
+    config = TTAdapterConfig(**{k: v for k, v in meta.items() if k in known})
+    modules = dict(model.named_modules())
+    for name, t in meta["targets"].items():
+        base = modules.get(name)
+        if not isinstance(base, nn.Linear):
+            raise ZolmError(f"{path} adapts {name}, which the model lacks (or is not a linear layer): wrong base "
+                            f"model? (saved for {meta.get('base_model')!r})")
+        size = base.in_features if t["side"] == "input" else base.out_features
+        if torch.Size(t["hidden_modes"]).numel() != size:
+            raise ZolmError(f"{path} adapts {name} with {torch.Size(t['hidden_modes']).numel()} features, the "
+                            f"model's layer has {size}: wrong base model?")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, t in meta["targets"].items():
+        base = model.get_submodule(name)
+        adapter = TTAdapter(t["hidden_modes"], t["bottleneck_modes"], config.rank, config.activation,
+                            config.scaling, config.bias)
+        _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=base.weight.device)))
+    model.zolm_adapter_config = config
+    saved = load_file(str(Path(path) / WEIGHTS_FILE))
+    params = adapter_parameters(model)
+    if set(saved) != set(params):
+        extra = sorted(set(saved) ^ set(params))
+        raise ZolmError(f"{path}: adapter tensors do not match the model's adapters (e.g. {extra[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if saved[n].shape != p.shape:
+                raise ZolmError(f"{path}: {n} has shape {tuple(saved[n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(saved[n])
+    return model
+
+
+def load_model_with_adapters(path: str | Path, dtype: str | torch.dtype = "float32",
+                             device: str | torch.device | None = None, base_model: str | None = None):
+    """``(model, tokenizer)``: the base model named in the adapter directory, with the adapters loaded.
+
+    Args:
+        path: an adapter directory (see :func:`is_adapter_dir`).
+        dtype, device: passed to :func:`zolm.models.load` for the base model (adapters stay float32).
+        base_model: load the base from here instead of the saved ``base_model``.
+    """
+    from zolm import models
+
+    meta = read_adapter_config(path)
+    base = base_model or meta.get("base_model")
+    if not base:
+        raise ZolmError(f"{path} does not name its base model; pass base_model")
+    model, tok = models.load(base, dtype, device=device)
+    return load_adapters(model, path), tok
