@@ -190,7 +190,15 @@ class FOMethod:
             models.save(self.model, tokenizer, out / "model")
 
 
-METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
+def _masked(model, config: FinetuneConfig, run_dir: Path | None = None):
+    """mazo, mezo-random-mask, mezo-magnitude-mask (zolm.train.mask_methods subclasses ZOMethod: lazy import)."""
+    from zolm.train.mask_methods import MaskedZOMethod
+
+    return MaskedZOMethod(model, config, run_dir)
+
+
+METHODS: dict[str, Callable] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod,
+                            "mazo": _masked, "mezo-random-mask": _masked, "mezo-magnitude-mask": _masked}
 
 
 def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):
