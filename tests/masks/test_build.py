@@ -7,6 +7,7 @@ import zolm.masks.build as build
 from zolm import models
 from zolm.data.encode import encode_all
 from zolm.data.tasks import load_splits
+from zolm.errors import ZolmError
 from zolm.masks.build import MaskRecipe, TaskData, build_masks, importance_masks, maskable_weights
 from zolm.masks.importance import ImportanceConfig, task_score
 from zolm.masks.multitask import check_rows, topk_row_mask
@@ -64,9 +65,15 @@ def test_build_masks_kinds_and_report(tiny):
     model, tasks, pad = tiny
     weights = maskable_weights(model)
     for kind in ("importance", "random", "magnitude"):
-        masks, report = build_masks(model, weights, MaskRecipe(kind=kind, ratio=0.2, calib_examples=4), tasks, pad)
+        recipe = MaskRecipe(kind=kind, ratio=0.2, calib_examples=4, calib_batch_size=2)
+        masks, report = build_masks(model, weights, recipe, tasks, pad)
         check_rows(masks, 0.2)
         assert report["recipe"]["kind"] == kind and report["masked_numel"] == sum(int(m.sum()) for m in masks.values())
         assert report["maskable_numel"] == sum(w.numel() for w in weights.values())
-    with pytest.raises(Exception, match="needs calibration data"):
+    with pytest.raises(ZolmError, match="needs calibration data"):
         build_masks(model, weights, MaskRecipe(kind="importance"), [], pad)
+    with pytest.raises(ZolmError, match="task sst2: the fisher curvature needs >= 2 calibration mini-batches, got 1"):
+        build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8), tasks, pad)
+    masks, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8,
+                                                      importance=ImportanceConfig(curvature="activation")), tasks, pad)
+    check_rows(masks, 0.05)

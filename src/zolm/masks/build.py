@@ -107,6 +107,9 @@ def importance_masks(model: nn.Module, weights: dict[str, torch.Tensor], tasks: 
     t0, examples = time.perf_counter(), 0
     for task in tasks:
         batches = calibration_batches(task, recipe, pad_id)
+        if cfg.curvature == "fisher" and len(batches) < 2:  # h = g^2 of one batch: S_global = 1/2 everywhere
+            raise ZolmError(f"task {task.name}: the fisher curvature needs >= 2 calibration mini-batches, got "
+                            f"{len(batches)}; lower mazo_calib_batch_size or raise mazo_calib_examples")
         examples += min(recipe.calib_examples, len(task.examples))
         stats = gradient_stats(model, batches, lambda m, b, k=task.kind: task_loss(m, b, k), names,
                                activations=cfg.curvature == "activation")
