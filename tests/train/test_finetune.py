@@ -128,7 +128,8 @@ def test_run_directory_guards(tiny_llama_dir, data_dir, tmp_path):
 
 
 def test_config_validation():
-    valid = "adazeta, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mezo, mezo-lora, quant-mezo, quzo"
+    valid = ("adazeta, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mazo, mezo, mezo-lora, mezo-magnitude-mask, "
+             "mezo-random-mask, quant-mezo, quzo")
     with pytest.raises(ZolmError, match=f"unknown method 'sgd'; valid: {valid}"):
         FinetuneConfig(out="x", method="sgd")
     with pytest.raises(ZolmError, match="steps must be >= 1"):

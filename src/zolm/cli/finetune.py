@@ -27,6 +27,19 @@ HELP = {
     "eval_every": "evaluate on dev every N steps (0: only at the end); best-on-dev weights are kept",
     "checkpoint_every": "write a resumable checkpoint every N steps (default: eval_every)",
     "eval_before": "evaluate on test before training (zero-shot)",
+    # masked ZO (docs/mazo.md)
+    "mask_ratio": "masked methods: share rho of each row's weights that ZO perturbs and updates, in (0, 1]",
+    "mask_params": "masked methods: regular expressions of maskable [out, in] weights (default: the linear "
+                   "layers of the decoder blocks: q/k/v/o/gate/up/down_proj, OPT out_proj/fc1/fc2)",
+    "mazo_alpha": "MaZO: weight of the greedy importance term g^2",
+    "mazo_beta": "MaZO: weight of the magnitude importance term |W|",
+    "mazo_curvature": "MaZO: h in the global term g^2/(2(h+lambda)): fisher (mean squared mini-batch "
+                      "gradient) or activation (row-wise: mean x_j^2 of the layer input)",
+    "mazo_damping": "MaZO: lambda = damping * mean(h)",
+    "mazo_row_eps": "MaZO: per-task row normalisation S / (max_j S + eps)",
+    "mazo_term_norm": "MaZO: row-normalise each importance term before weighting (zolm option, off in 5.3)",
+    "mazo_calib_examples": "MaZO: calibration examples per task (its first training examples)",
+    "mazo_calib_batch_size": "MaZO: calibration mini-batch size (one backward pass each)",
 }
 HELP.update({  # adapter methods: adazeta, mezo-lora, fo-tt (docs/adazeta.md)
     "tt_rank": "TT rank of the AdaZeta adapters",

@@ -11,14 +11,16 @@ from typing import Any
 from zolm.errors import ZolmError, unknown
 from zolm.train import adapter_options
 
+MASK_METHODS = ("mazo", "mezo-random-mask", "mezo-magnitude-mask")  # masked ZO (docs/mazo.md)
 METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste", "adazeta", "mezo-lora",
-           "fo-tt")
+           "fo-tt") + MASK_METHODS
 # Learning rates used when none is given (papers.md section 10, at 135M on CPU).
 DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4, "quzo": 1e-6, "quant-mezo": 1e-6,
-              "fo-ste": 1e-5}
+              "fo-ste": 1e-5, **dict.fromkeys(MASK_METHODS, 1e-5)}
 DEFAULT_LR.update({"adazeta": 1e-4, "mezo-lora": 1e-4, "fo-tt": 1e-3})  # AdaZeta (docs/adazeta.md)
 DEFAULT_EPS = {"mezo-lora": 1e-2}  # ZO perturbation scale when none is given (MeZO App. E); others 1e-3
 QUANT_METHODS = ("quzo", "quant-mezo", "fo-ste")
+MAZO_CURVATURES = ("fisher", "activation")
 SCHEDULES = ("constant", "linear")
 
 
@@ -64,6 +66,17 @@ class FinetuneConfig:
     perturb_bits: int | None = None  # QuZO perturbation bits (None: 4 for quzo, 0 = unquantized for quant-mezo)
     two_draws: bool = True  # QuZO: independent roundings for the perturbation and the update direction
     update_rounding: str | None = None  # stochastic (quzo default) or nearest (quant-mezo default)
+    # masked ZO: mazo, mezo-random-mask, mezo-magnitude-mask (docs/mazo.md; defaults papers.md 5.3 and 10)
+    mask_ratio: float = 0.05  # rho: share of each row's weights that ZO perturbs and updates, in (0, 1]
+    mask_params: list[str] = field(default_factory=list)  # maskable weights (regexes); empty: block linears
+    mazo_alpha: float = 1.0  # weight of S_greedy = g^2
+    mazo_beta: float = 0.0  # weight of the magnitude term |W|
+    mazo_curvature: str = "fisher"  # h in S_global: "fisher" (mean of g_b^2) or "activation" (mean x_j^2)
+    mazo_damping: float = 1e-8  # lambda = mazo_damping * mean(h)
+    mazo_row_eps: float = 1e-12  # row normalisation S / (max_j S + mazo_row_eps)
+    mazo_term_norm: bool = False  # row-normalise each term before weighting them (zolm option, not 5.3)
+    mazo_calib_examples: int = 64  # calibration examples per task (its first training examples)
+    mazo_calib_batch_size: int = 8  # one backward pass per calibration mini-batch
     # data (MeZO protocol)
     num_train: int = 1000
     num_dev: int | None = None
@@ -122,6 +135,7 @@ class FinetuneConfig:
         if self.checkpoint_every < 0:
             raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         adapter_options.validate(self)
+        self._check_mask_options()
 
     def quant_config(self):
         """The QuantConfig of the quantized methods (imported lazily: zolm.quant is optional here)."""
@@ -132,6 +146,21 @@ class FinetuneConfig:
         bits = 8 if self.format == "fp8" else self.bits
         return QuantConfig(weight=QuantFormat(self.format, bits, self.fp8_variant, group), embed_bits=self.embed_bits,
                            act_bits=self.act_bits)
+
+    def _check_mask_options(self) -> None:
+        """Masked-ZO options, checked for every method so that a bad value fails before any run starts."""
+        r = self.mask_ratio
+        if not (isinstance(r, int | float) and math.isfinite(r) and 0 < r <= 1):
+            raise ZolmError(f"mask_ratio must be in (0, 1], got {r}")
+        for name in ("mazo_alpha", "mazo_beta", "mazo_damping", "mazo_row_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ZolmError(f"{name} must be a finite number >= 0, got {v}")
+        if self.mazo_curvature not in MAZO_CURVATURES:
+            raise unknown("mazo_curvature", self.mazo_curvature, MAZO_CURVATURES)
+        for name in ("mazo_calib_examples", "mazo_calib_batch_size"):
+            if getattr(self, name) < 1:
+                raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def tasks(self) -> list[str]:

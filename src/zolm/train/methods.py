@@ -217,12 +217,14 @@ METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FO
 def _registry() -> dict[str, type]:
     """Every method, including those defined in their own modules (imported here, explicitly)."""
     from zolm.train.adapter_methods import AdaZetaMethod, FOTTMethod, MeZOLoRAMethod
+    from zolm.train.mask_methods import MaskedZOMethod
     from zolm.train.quant_methods import FOSTEMethod, QuZOMethod
 
     return {**METHODS, "quzo": QuZOMethod, "quant-mezo": QuZOMethod, "fo-ste": FOSTEMethod,
             "adazeta": AdaZetaMethod,  # ZO on TT adapters, adaptive queries (docs/adazeta.md)
             "mezo-lora": MeZOLoRAMethod,  # ZO on peft LoRA A/B
-            "fo-tt": FOTTMethod}  # first-order (AdamW) TT adapters
+            "fo-tt": FOTTMethod,  # first-order (AdamW) TT adapters
+            **dict.fromkeys(("mazo", "mezo-random-mask", "mezo-magnitude-mask"), MaskedZOMethod)}  # docs/mazo.md
 
 
 def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):

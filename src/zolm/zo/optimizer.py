@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from zolm.errors import ZolmError
+from zolm.utils.sparse import unpack_mask
 from zolm.zo.rng import SAMPLERS, derive_seed
 from zolm.zo.spsa import ParamSet, perturb_
 
@@ -129,10 +130,15 @@ class ZOOptimizer:
             coef = -lr * g / n + (eps if q == n - 1 else 0.0)
             self.apply_(seed, coef)
         wd = self.config.weight_decay
-        if wd:
-            for p, decay in zip(self.params.params, self.decay):
-                if decay:
+        if wd:  # decoupled decay, inside the mask if the tensor has one (masked coordinates never move)
+            for p, m, decay in zip(self.params.params, self.params.masks, self.decay):
+                if not decay:
+                    continue
+                if m is None:
                     p.data.mul_(1.0 - lr * wd)
+                else:
+                    keep = unpack_mask(m, p.numel()).view(p.shape)
+                    p.data.copy_(torch.where(keep, p.data * (1.0 - lr * wd), p.data))
 
     def replay_(self, record: dict) -> None:
         """Re-apply a logged step without any forward pass: the same operations in the same order."""
