@@ -132,7 +132,8 @@ def test_opt_models_have_maskable_weights(tiny_opt_dir, data_dir, tmp_path):
     ({"mazo_alpha": -1.0}, "mazo_alpha must be a finite number >= 0"),
     ({"mazo_curvature": "hessian"}, "unknown mazo_curvature 'hessian'; valid: activation, fisher"),
     ({"mazo_calib_examples": 0}, "mazo_calib_examples must be >= 1"),
-    ({"method": "maso"}, "unknown method 'maso'; valid: .*mazo, mezo, mezo-lora, mezo-magnitude-mask, mezo-random-mask"),
+    ({"method": "maso"}, "unknown method 'maso'"
+     "; valid: .*mazo, mezo, mezo-lora, mezo-magnitude-mask, mezo-random-mask"),
 ])
 def test_bad_options_are_one_line_errors(kw, match):
     with pytest.raises(ZolmError, match=match) as e:
