@@ -6,7 +6,7 @@ prune, read the peak, evaluate), one after the other, so times and memory are co
 
 Protocol (defaults; every value is in the output's "protocol"):
   * calibration: 64 sequences x 512 tokens from ../shared/data/c4 (snippets joined by blank lines, seed 0);
-  * Wanda++: alpha 100, RO 5 rounds x 16 inputs, RMSprop lr 1e-5 (tuned at 135M, see docs/pruning.md);
+  * Wanda++: alpha 100, RO 5 rounds x 16 inputs, RMSprop lr 1e-4 (tuned at 135M, see docs/pruning.md);
   * SparseGPT: blocksize 128, damping 0.01 mean(diag H);
   * perplexity: WikiText-2 raw test, windows of 512 tokens, the first 64 (32,768 tokens; the full test set at
     2048 is ~140 windows, too slow for two CPU cores);
@@ -39,9 +39,9 @@ METHODS = {"magnitude": {"method": "magnitude"}, "wanda": {"method": "wanda"},
            "sparsegpt": {"method": "sparsegpt"}, "wanda++rgs": {"method": "wanda++", "ro_rounds": 0},
            "wanda++": {"method": "wanda++"}}
 TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "rte")
-FULL = {"nsamples": 64, "seqlen": 512, "ro_rounds": 5, "ro_samples": 16, "ro_lr": 1e-5, "alpha": 100.0,
+FULL = {"nsamples": 64, "seqlen": 512, "ro_rounds": 5, "ro_samples": 16, "ro_lr": 1e-4, "alpha": 100.0,
         "ppl_seqlen": 512, "ppl_windows": 64, "zs_n": 200}
-QUICK = {"nsamples": 8, "seqlen": 128, "ro_rounds": 2, "ro_samples": 4, "ro_lr": 1e-5, "alpha": 100.0,
+QUICK = {"nsamples": 8, "seqlen": 128, "ro_rounds": 2, "ro_samples": 4, "ro_lr": 1e-4, "alpha": 100.0,
          "ppl_seqlen": 256, "ppl_windows": 4, "zs_n": 20}
 
 
