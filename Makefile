@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine (each creates or reuses .venv):
-#   make demo   fine-tune SmolLM2-135M on SST-2 with MeZO and print accuracy before and after
+#   make demo   the main job: SmolLM2-135M -> Wanda++ 2:4 -> INT4 -> QuZO on SST-2, with accuracy, perplexity,
+#               sparsity and size after every stage (recipes/smollm2-wandapp24-int4-quzo-sst2.yaml)
 #   make test   lint and run the test suite
+# make demo-mezo is the short MeZO job (SST-2, accuracy before and after, a few minutes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 STAMP := $(VENV)/.zolm-installed
 
-.PHONY: demo test test-slow lint install
+.PHONY: demo demo-mezo test test-slow lint install
 
 install: $(STAMP)
 
@@ -19,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/zolm run recipes/smollm2-wandapp24-int4-quzo-sst2.yaml --data-dir $(DATA) --overwrite
+
+demo-mezo: $(STAMP)
 	$(VENV)/bin/zolm finetune --model smollm2-135m --task sst2 --method mezo --data-dir $(DATA) \
-	  --steps 60 --lr 2e-5 --eps 1e-3 --batch-size 16 --eval-every 30 --num-dev 100 --num-test 200 \
+	  --steps 60 --lr 3e-5 --eps 1e-3 --batch-size 16 --eval-every 30 --num-dev 100 --num-test 200 \
 	  --out runs/demo-mezo-sst2 --overwrite
 
 lint: $(STAMP)

@@ -1,3 +1,6 @@
+"""``python -m zolm ...`` is the ``zolm`` command."""
+
 from zolm.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    main()
