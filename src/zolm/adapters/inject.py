@@ -95,16 +95,15 @@ class TTAdapterConfig:
         return hidden, bottleneck
 
 
-def parse_placement(entry: str) -> tuple[str, str]:
-    """'gate_proj:input' -> ('gate_proj', 'input'), with a one-line error for anything else."""
+def parse_placement(entry: str, what: str = "adapter placement") -> tuple[str, str]:
+    """'gate_proj:input' -> ('gate_proj', 'input'), with a one-line error (naming ``what``) for anything else."""
     pattern, sep, side = entry.rpartition(":")
     if not sep or not pattern or side not in SIDES:
-        raise ZolmError(f"adapter placement {entry!r} must look like 'module_pattern:input' or "
-                        "'module_pattern:output'")
+        raise ZolmError(f"{what} {entry!r} must look like 'module_pattern:input' or 'module_pattern:output'")
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ZolmError(f"adapter placement {entry!r}: bad regular expression ({e})") from None
+        raise ZolmError(f"{what} {entry!r}: bad regular expression ({e})") from None
     return pattern, side
 
 

@@ -53,6 +53,12 @@ class _TTSaving:
     adapter_config: TTAdapterConfig
     base_model: str
 
+    def attach_adapters(self, model, config: FinetuneConfig) -> None:
+        """Add the run's TT adapters to ``model`` (before the method selects what it trains: the adapters)."""
+        self.adapter_config = tt_config(config)
+        self.base_model = config.model
+        self.adapted = add_tt_adapters(model, self.adapter_config)
+
     def save_model(self, path: Path, tokenizer) -> None:
         """A merged transformers model for identity adapters, else an adapter directory (base + adapters).
 
@@ -81,9 +87,7 @@ class AdaZetaMethod(_TTSaving, ZOMethod):
     """
 
     def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
-        self.adapter_config = tt_config(config)
-        self.base_model = config.model
-        self.adapted = add_tt_adapters(model, self.adapter_config)
+        self.attach_adapters(model, config)
         super().__init__(model, _training_only(config, ADAPTER_PATTERN), run_dir)
         self.config = config
         self.schedule = adapter_options.schedule(config)
@@ -122,8 +126,6 @@ class FOTTMethod(_TTSaving, FOMethod):
     """First-order training (AdamW, backpropagation) of the same TT adapters, base frozen."""
 
     def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
-        self.adapter_config = tt_config(config)
-        self.base_model = config.model
-        self.adapted = add_tt_adapters(model, self.adapter_config)
+        self.attach_adapters(model, config)
         super().__init__(model, _training_only(config, ADAPTER_PATTERN), run_dir)
         self.config = config

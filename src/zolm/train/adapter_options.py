@@ -6,7 +6,6 @@ The fields themselves live in FinetuneConfig (one commented block); docs/adazeta
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from zolm.errors import ZolmError, unknown
@@ -27,15 +26,10 @@ def validate(cfg: Any) -> None:
         raise ZolmError(f"tt_scaling must be a finite number, got {cfg.tt_scaling}")
     if cfg.tt_hidden_modes and (len(cfg.tt_hidden_modes) != cfg.tt_modes or min(cfg.tt_hidden_modes) < 2):
         raise ZolmError(f"tt_hidden_modes must be {cfg.tt_modes} (tt_modes) integers >= 2, got {cfg.tt_hidden_modes}")
+    from zolm.adapters.inject import parse_placement
+
     for entry in cfg.tt_placement:
-        pattern, _, side = entry.rpartition(":")
-        if not pattern or side not in ("input", "output"):
-            raise ZolmError(f"tt_placement entry {entry!r} must look like 'module_pattern:input' or "
-                            "'module_pattern:output'")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ZolmError(f"tt_placement entry {entry!r}: bad regular expression ({e})") from None
+        parse_placement(entry, what="tt_placement entry")
     if cfg.q_schedule not in KINDS:
         raise unknown("q_schedule", cfg.q_schedule, KINDS)
     schedule(cfg)  # validates q_alpha, q_beta, q_target
