@@ -27,7 +27,7 @@ for name in ${*:-$all}; do
                  --max-q 8 --out runs/bench/adazeta-runs ;;
     pipeline) run pipeline benchmarks/pipeline.py --steps 60 --batch-size 8 --out runs/bench/pipeline-runs ;;
     sst2-adamw) run sst2-adamw -m zolm finetune --model smollm2-135m --task sst2 --method fo-adamw \
-                    --lr 1e-5 --steps 250 --batch-size 8 --eval-every 125 --num-dev 500 --data-dir ../shared/data \
+                    --lr 1e-5 --steps 150 --batch-size 8 --eval-every 75 --num-dev 500 --no-eval-before --data-dir ../shared/data \
                     --out runs/sst2-adamw --overwrite ;;
     sst2-mezo) run sst2-mezo -m zolm finetune --model smollm2-135m --task sst2 --method mezo \
                    --lr 3e-5 --steps 700 --batch-size 16 --eval-every 100 --num-dev 500 --data-dir ../shared/data \
