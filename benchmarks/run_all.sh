@@ -25,7 +25,7 @@ for name in ${*:-$all}; do
               --seeds 16 --reps 3 --calib-examples 32 --out runs/bench/mazo-runs ;;
     adazeta) run adazeta benchmarks/adazeta.py --budget 768 --num-train 64 --num-val 48 --num-test 128 --points 3 \
                  --max-q 8 --out runs/bench/adazeta-runs ;;
-    pipeline) run pipeline benchmarks/pipeline.py --steps 60 --batch-size 8 --out runs/bench/pipeline-runs ;;
+    pipeline) run pipeline benchmarks/pipeline.py --steps 60 --batch-size 8 --no-dense --out runs/bench/pipeline-runs ;;
     sst2-adamw) run sst2-adamw -m zolm finetune --model smollm2-135m --task sst2 --method fo-adamw \
                     --lr 1e-5 --steps 150 --batch-size 8 --eval-every 75 --num-dev 500 --no-eval-before --data-dir ../shared/data \
                     --out runs/sst2-adamw --overwrite ;;

@@ -60,6 +60,7 @@ def test_config_file_and_flag_override(capsys, tiny_llama_dir, data_dir, tmp_pat
 def bad_jsonl(tmp_path):
     write_jsonl(tmp_path / "d" / "sst2" / "validation.jsonl", [{"sentence": "ok", "label": 1}])
     write_jsonl(tmp_path / "d" / "sst2" / "train.jsonl", [{"sentence": "ok", "label": 1}])
+    write_jsonl(tmp_path / "old.jsonl", [{"format": "zolm-replay-v1", "model": "m", "method": "mezo"}])
     with open(tmp_path / "d" / "sst2" / "train.jsonl", "a") as f:
         f.write("{not json}\n")
     return tmp_path / "d"
@@ -78,6 +79,7 @@ def bad_jsonl(tmp_path):
     (["eval", "--perplexity", "wikitext2", "--model", "{tiny}"], "--perplexity wikitext2 needs --data-dir"),
     (["eval", "--model", "{tiny}"], "give --task and/or --perplexity"),
     (["replay", "{tiny}", "{tmp}/nolog.jsonl", "--out", "{tmp}/r"], "no such file"),
+    (["replay", "{tiny}", "{tmp}/old.jsonl", "--out", "{tmp}/r"], "written by an older zolm"),
 ])
 def test_bad_input_gets_one_line(capsys, tmp_path, tiny_llama_dir, data_dir, bad_jsonl, argv, message):
     argv = [a.format(tmp=tmp_path, bad=bad_jsonl, tiny=tiny_llama_dir, data=data_dir) for a in argv]

@@ -34,6 +34,10 @@ def replay(log_path: str | Path, base_model: str | None = None, upto_step: int |
     target = upto_step if upto_step is not None else (selected or (records[-1]["step"] if records else 0))
     if records and target > records[-1]["step"]:
         raise ZolmError(f"the log ends at step {records[-1]['step']}; cannot replay to step {target}")
+    missing = [k for k in ("config", "params_sha256") if k not in header]
+    if missing:
+        raise ZolmError(f"{log_path} was written by an older zolm (its header lacks {', '.join(missing)}); "
+                        "this version cannot replay it")
     config = FinetuneConfig.from_dict(header["config"])
     if base_model is not None:
         config.model = base_model
