@@ -7,10 +7,11 @@ For each task it fine-tunes SmolLM2-135M with, in one run of this script:
   fo-ste-int4          first order, fake-quantized forward with a straight-through estimator, AdamW
 all with the same steps, batch, data and seed (INT4: groups of 32 columns; embeddings INT8). It reports the
 test accuracy of each before (zero-shot, on its own quantized model) and after training (best on dev), then,
-each in its own subprocess, the peak resident memory of three training steps of MeZO fp32, QuZO INT4 and
-FO-STE INT4, and the weight bytes of the fp32, INT8 and INT4 models.
+each in its own subprocess, the peak resident memory of three training steps of MeZO fp32, QuZO INT4 (on the
+model saved in INT4, as `zolm quantize` writes it, so that no float32 copy ever exists in the process) and
+FO-STE INT4 (float32 master weights), and the weight bytes of the fp32, INT8 and INT4 models.
 
-Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~70 min)
+Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~2 h)
             .venv/bin/python benchmarks/quzo.py --quick          (smoke run, a few minutes)
 Prints one JSON line.
 """
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="keep the run directories here")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    from zolm.train.config import FinetuneConfig
+
     if args.worker:
         name, model, batch = args.worker
         print(json.dumps(memory_worker(name, model, int(batch))))
@@ -125,8 +128,17 @@ def main() -> None:
         for name in args.runs.split(","):
             table.setdefault(task, {})[name] = train(task, name, args.steps, args, root / task / name)
             print(f"# {task} {name}: {table[task][name]}", file=sys.stderr, flush=True)
-    memory = {name: run_worker(__file__, name, args.model, str(args.batch_size))
-              for name in ("mezo-fp32", "quzo-int4", "fo-ste-int4")}
+    with tempfile.TemporaryDirectory() as qdir:  # QuZO trains a model saved low-bit: no fp32 copy ever exists
+        from zolm import models
+        from zolm.quant import quantize_
+
+        model, tok = models.load(args.model)
+        quantize_(model, FinetuneConfig(out="unused", method="quzo", bits=4).quant_config())
+        models.save(model, tok, Path(qdir) / "int4")
+        del model
+        memory = {name: run_worker(__file__, name, src, str(args.batch_size))
+                  for name, src in (("mezo-fp32", args.model), ("quzo-int4", str(Path(qdir) / "int4")),
+                                    ("fo-ste-int4", args.model))}
     print(json.dumps({
         "benchmark": "quzo", "model": args.model, "steps": args.steps, "batch": args.batch_size,
         "num_dev": args.num_dev, "num_test": args.num_test, "accuracy": table,

@@ -19,7 +19,7 @@ for name in ${*:-$all}; do
     zo_step) run zo_step benchmarks/zo_step.py ;;
     zo_distributed) run zo_distributed benchmarks/zo_distributed.py ;;
     prune) run prune benchmarks/prune.py --nsamples 32 --seqlen 256 --ppl-seqlen 512 --ppl-windows 16 --zs-n 50 ;;
-    quzo) run quzo benchmarks/quzo.py --tasks sst2,rte --steps 60 --batch-size 8 --num-dev 64 --num-test 200 \
+    quzo) run quzo benchmarks/quzo.py --tasks sst2,wic --steps 60 --batch-size 8 --num-dev 64 --num-test 200 \
               --out runs/bench/quzo-runs ;;
     mazo) run mazo benchmarks/mazo.py --steps 60 --batch-size 8 --fo-batch-size 8 --num-dev 32 --num-test 100 \
               --seeds 16 --reps 3 --calib-examples 32 --out runs/bench/mazo-runs ;;
