@@ -25,9 +25,10 @@ for name in ${*:-$all}; do
               --seeds 16 --reps 3 --calib-examples 32 --out runs/bench/mazo-runs ;;
     adazeta) run adazeta benchmarks/adazeta.py --budget 768 --num-train 64 --num-val 48 --num-test 128 --points 3 \
                  --max-q 8 --out runs/bench/adazeta-runs ;;
-    pipeline) run pipeline benchmarks/pipeline.py --steps 60 --batch-size 8 --no-dense --out runs/bench/pipeline-runs ;;
+    pipeline) run pipeline benchmarks/pipeline.py --steps 60 --batch-size 8 --ppl-windows 8 --no-dense --out runs/bench/pipeline-runs ;;
     sst2-adamw) run sst2-adamw -m zolm finetune --model smollm2-135m --task sst2 --method fo-adamw \
-                    --lr 1e-5 --steps 150 --batch-size 8 --eval-every 75 --num-dev 500 --no-eval-before --data-dir ../shared/data \
+                    --lr 1e-5 --steps 60 --batch-size 8 --eval-every 30 --num-dev 64 --num-test 200 \
+                    --no-eval-before --data-dir ../shared/data \
                     --out runs/sst2-adamw --overwrite ;;
     sst2-mezo) run sst2-mezo -m zolm finetune --model smollm2-135m --task sst2 --method mezo \
                    --lr 3e-5 --steps 700 --batch-size 16 --eval-every 100 --num-dev 500 --data-dir ../shared/data \
