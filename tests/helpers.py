@@ -23,3 +23,21 @@ class Quadratic(nn.Module):
 
     def grad(self) -> torch.Tensor:
         return self.A @ self.theta.detach()
+
+
+def gradients_and_loss(model, batch, kind: str = "classification"):
+    """(true gradients by backprop of the task loss on ``batch``, a no-grad loss closure): the estimator target."""
+    from zolm.eval.scoring import task_loss
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    task_loss(model, batch, kind).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def loss() -> float:
+        with torch.inference_mode():
+            return float(task_loss(model, batch, kind))
+
+    return grads, loss

@@ -3,13 +3,12 @@
 import re
 
 import pytest
-import torch
 
 from tests.conftest import SHARED_DATA
+from tests.helpers import gradients_and_loss
 from zolm import models
 from zolm.data.encode import encode_all, training_batch
 from zolm.data.tasks import load_splits
-from zolm.eval.scoring import task_loss
 from zolm.masks.build import MaskRecipe, TaskData, build_masks, maskable_weights
 from zolm.masks.multitask import check_rows
 from zolm.masks.variance import estimator_stats, projected_grads
@@ -31,16 +30,7 @@ def test_smollm2_importance_mask_and_estimator():
     assert report["overlap"]["pairwise"]["sst2|rte"] > report["overlap"]["chance"]
 
     batch = training_batch(tasks[0].examples[16:32], "classification", tok.pad_token_id)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    task_loss(model, batch, "classification").backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    def loss() -> float:
-        with torch.inference_mode():
-            return float(task_loss(model, batch, "classification"))
+    grads, loss = gradients_and_loss(model, batch)
 
     seeds = list(range(1, 9))
     full = ParamSet(model, include=[".*"])

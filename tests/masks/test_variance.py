@@ -3,12 +3,11 @@
 import re
 
 import pytest
-import torch
 
+from tests.helpers import gradients_and_loss
 from zolm import models
 from zolm.data.encode import encode_all, training_batch
 from zolm.data.tasks import load_splits
-from zolm.eval.scoring import task_loss
 from zolm.masks.build import maskable_weights
 from zolm.masks.multitask import random_mask
 from zolm.masks.variance import estimator_stats, projected_grads
@@ -20,16 +19,7 @@ def setup(tiny_llama_dir, data_dir):
     model, tok = models.load(tiny_llama_dir)
     items = encode_all(tok, load_splits("sst2", data_dir, num_train=16, num_dev=0, num_test=0).train)
     batch = training_batch(items, "classification", tok.pad_token_id)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    task_loss(model, batch, "classification").backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    def loss() -> float:
-        with torch.inference_mode():
-            return float(task_loss(model, batch, "classification"))
+    grads, loss = gradients_and_loss(model, batch)
 
     weights = maskable_weights(model)
     masks = {n: random_mask(tuple(w.shape), 0.1, seed=i) for i, (n, w) in enumerate(weights.items())}
