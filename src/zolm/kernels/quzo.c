@@ -10,22 +10,14 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline uint32_t qmix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x2C1B3C6Du;
-    x ^= x >> 16;
-    return x;
-}
+#include "zo_hash.h"
 
 static inline int32_t ih4(uint32_t j, uint32_t k1, uint32_t k2) {
-    uint32_t h = qmix32(qmix32(j ^ k1) ^ k2);
-    return (int32_t)(h & 255u) + (int32_t)((h >> 8) & 255u) + (int32_t)((h >> 16) & 255u) + (int32_t)(h >> 24) - 510;
+    return zo_ih4(zo_hash(j, k1, k2));
 }
 
 static inline int64_t noise24(uint32_t j, uint32_t k1, uint32_t k2) {
-    return (int64_t)(qmix32(qmix32(j ^ k1) ^ k2) >> 8);
+    return (int64_t)(zo_hash(j, k1, k2) >> 8);
 }
 
 #define MASKED_OUT(mask, j) ((mask) && !(((mask)[(j) >> 3] >> ((j) & 7)) & 1u))

@@ -13,22 +13,11 @@
  */
 #include <stdint.h>
 
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x2C1B3C6Du;
-    x ^= x >> 16;
-    return x;
-}
+#include "zo_hash.h"
 
 static inline int32_t draw(uint32_t j, uint32_t k1, uint32_t k2, int sampler) {
-    uint32_t h = mix32(mix32(j ^ k1) ^ k2);
-    if (sampler == 0) {
-        return (int32_t)(h & 255u) + (int32_t)((h >> 8) & 255u) + (int32_t)((h >> 16) & 255u)
-             + (int32_t)(h >> 24) - 510;
-    }
-    return 1 - 2 * (int32_t)(h >> 31);
+    uint32_t h = zo_hash(j, k1, k2);
+    return sampler == 0 ? zo_ih4(h) : 1 - 2 * (int32_t)(h >> 31);
 }
 
 void zolm_axpy_f32(float *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float a, int sampler,

@@ -59,7 +59,8 @@ def _build() -> ctypes.CDLL:
     cpu = ""
     if Path("/proc/cpuinfo").exists():
         cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    text = "".join(s.read_text() for s in srcs)
+    headers = sorted(srcs[0].parent.glob("*.h")) if srcs else []
+    text = "".join(s.read_text() for s in srcs + headers)  # a header change rebuilds too
     tag = hashlib.sha256("\0".join([text, version, " ".join(flags), cpu, platform.machine()]).encode()).hexdigest()
     cache = Path(os.environ.get("ZOLM_CACHE", Path.home() / ".cache" / "zolm")) / "kernels"
     so = cache / f"zolm-{tag[:16]}.so"
