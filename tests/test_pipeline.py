@@ -83,19 +83,16 @@ def test_an_interrupted_recipe_restarts_where_it_stopped(tmp_path, tiny_llama_di
     assert all(torch.equal(as_bits(a[k]), as_bits(b[k])) for k in a)
 
 
-def test_bad_recipes_are_one_line_errors(tmp_path):
+@pytest.mark.parametrize("text,message", [
+    ("out: o\nstages:\n  - distill: {}\n", "unknown stage type \\(stage 1\\) 'distill'; valid: eval, finetune"),
+    ("out: o\nstages:\n  - prune: {method: wanda, sparsity: 1.5}\n", "sparsity must be in \\[0, 1\\)"),
+    ("out: o\nstages:\n  - finetune: {method: quzo, bits: 3}\n", "unsupported bit width 3"),
+    ("out: o\nstage: []\n", "unknown recipe key\\(s\\) stage"),
+    (None, "no such recipe file"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
     p = tmp_path / "r.yaml"
-    p.write_text("out: o\nstages:\n  - distill: {}\n")
-    with pytest.raises(ZolmError, match="unknown stage type \\(stage 1\\) 'distill'; valid: eval, finetune"):
+    if text is not None:
+        p.write_text(text)
+    with pytest.raises(ZolmError, match=message):
         Recipe.from_file(p)
-    p.write_text("out: o\nstages:\n  - prune: {method: wanda, sparsity: 1.5}\n")
-    with pytest.raises(ZolmError, match="sparsity must be in \\[0, 1\\)"):
-        Recipe.from_file(p)
-    p.write_text("out: o\nstages:\n  - finetune: {method: quzo, bits: 3}\n")
-    with pytest.raises(ZolmError, match="unsupported bit width 3"):
-        Recipe.from_file(p)
-    p.write_text("out: o\nstage: []\n")
-    with pytest.raises(ZolmError, match="unknown recipe key\\(s\\) stage"):
-        Recipe.from_file(p)
-    with pytest.raises(ZolmError, match="no such recipe file"):
-        Recipe.from_file(tmp_path / "none.yaml")
