@@ -21,6 +21,9 @@ HELP = {
     "eps": "ZO perturbation scale (default 1e-3; mezo-lora 1e-2)",
     "queries": "ZO queries (SPSA estimates) per step",
     "sampler": "ZO perturbation distribution: ih4 (Irwin-Hall ~ Gaussian) or rademacher",
+    "half_mode": "ZO on bfloat16/float16 weights: exact (float32 master copies of the trained tensors, +4 bytes "
+                 "per trained weight), lean (no copy: virtual perturbation, stochastically rounded updates) or "
+                 "inplace (round to nearest; small updates are lost) -- docs/methods.md",
     "train_params": "regular expressions of parameter names to train (default: all)",
     "freeze_params": "regular expressions of parameter names to keep frozen",
     "num_dev": "dev examples (default: 500; CB and COPA 100)",

@@ -10,6 +10,7 @@ from typing import Any
 
 from zolm.errors import ZolmError, unknown
 from zolm.train import adapter_options
+from zolm.zo.precision import HALF_MODES
 
 MASK_METHODS = ("mazo", "mezo-random-mask", "mezo-magnitude-mask")  # masked ZO (docs/mazo.md)
 METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste", "adazeta", "mezo-lora",
@@ -47,6 +48,7 @@ class FinetuneConfig:
     eps: float | None = None  # None: DEFAULT_EPS[method], else 1e-3
     queries: int = 1
     sampler: str = "ih4"
+    half_mode: str = "exact"  # ZO on bf16/fp16 weights: exact | lean | inplace (zolm.zo.precision)
     # which parameters train (regular expressions on parameter names; empty: all)
     train_params: list[str] = field(default_factory=list)
     freeze_params: list[str] = field(default_factory=list)
@@ -107,6 +109,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise unknown("method", self.method, METHODS)
+        if self.half_mode not in HALF_MODES:
+            raise unknown("half_mode", self.half_mode, HALF_MODES)
         if self.lr_schedule not in SCHEDULES:
             raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
         if self.lr is None:

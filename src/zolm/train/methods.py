@@ -81,7 +81,7 @@ class ZOMethod:
     @staticmethod
     def zo_config(config: FinetuneConfig) -> ZOConfig:
         return ZOConfig(eps=config.eps, queries=config.queries, weight_decay=config.weight_decay,
-                        sampler=config.sampler, seed=config.seed)
+                        sampler=config.sampler, seed=config.seed, half_mode=config.half_mode)
 
     def build_optimizer(self, model, config: FinetuneConfig, zo: ZOConfig) -> ZOOptimizer:
         """The ZO optimiser over this method's parameter space (override for other spaces)."""
@@ -95,7 +95,8 @@ class ZOMethod:
 
     @property
     def trainable(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.params.names, self.params.params))
+        """Trained tensors and the optimiser's float32 masters (half_mode exact): what a checkpoint holds."""
+        return {**dict(zip(self.params.names, self.params.params)), **self.optimizer.extra_state()}
 
     def loss_fn(self, batch: StepBatch) -> Callable[[], float]:
         n = len(batch.kinds)

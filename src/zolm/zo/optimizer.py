@@ -2,8 +2,10 @@
 
 MeZO's step (Malladi et al. 2023, Algorithm 1) perturbs +eps z, -2 eps z, +eps z, then regenerates z once
 more for the update: four passes over the weights. zolm fuses the restore with the update
-(theta <- theta + (eps - lr g / n) z), so a one-query step makes three passes, each a single vectorised
-kernel over the weights with no temporary (see zolm.zo.rng).
+(theta <- (theta + eps z) - (lr g / n) z, two exact coefficients in one pass), so a one-query step makes three
+passes, each a single vectorised kernel over the weights with no temporary (see zolm.zo.rng). How half-precision
+tensors move (float32 masters, virtual perturbation + stochastic rounding, or in place) is
+``ZOConfig.half_mode`` (zolm.zo.precision).
 
 Subclasses change the ZO method by overriding :meth:`ZOOptimizer.apply_` (how theta moves along z) or
 ``param_set``'s masks; the step logic, seeds and the replay record stay here.
@@ -18,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from zolm.errors import ZolmError
-from zolm.utils.sparse import unpack_mask
+from zolm.zo.precision import HALF_MODES, WeightStore
 from zolm.zo.rng import SAMPLERS, derive_seed
-from zolm.zo.spsa import ParamSet, perturb_
+from zolm.zo.spsa import ParamSet
 
 # MeZO skips weight decay for names containing these (its trainer's test); Llama's final "model.norm"
 # is not caught by it, a quirk kept for fidelity and documented in docs/methods.md.
@@ -40,6 +42,7 @@ class ZOConfig:
     weight_decay: float = 0.0
     sampler: str = "ih4"
     seed: int = 0
+    half_mode: str = "exact"  # bf16/fp16 tensors: exact (float32 masters), lean, inplace (zolm.zo.precision)
 
     def __post_init__(self) -> None:
         if not (self.eps > 0 and math.isfinite(self.eps)):
@@ -50,6 +53,8 @@ class ZOConfig:
             raise ZolmError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.sampler not in SAMPLERS:
             raise ZolmError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.half_mode not in HALF_MODES:
+            raise ZolmError(f"unknown half_mode {self.half_mode!r}; valid: {', '.join(HALF_MODES)}")
 
 
 @dataclass
@@ -75,11 +80,16 @@ class ZOOptimizer:
         self.params = params
         self.config = config or ZOConfig()
         self.decay = [not any(k in n.lower() for k in NO_DECAY) for n in params.names]
+        self.store = WeightStore(params, self.config.half_mode, self.config.sampler)
 
     # ------------------------------------------------------------------ hooks for other ZO methods
     def apply_(self, seed: int, coef: float) -> float:
         """theta <- theta + coef * z(seed). Methods with another weight domain override this."""
-        return perturb_(self.params, seed, coef, self.config.sampler)
+        return self.store.apply_(seed, coef)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint besides the trained ones (float32 masters of half tensors)."""
+        return self.store.extra_state()
 
     def header(self) -> dict:
         """Everything besides the per-step records that replay needs, written at the top of the log."""
@@ -106,6 +116,7 @@ class ZOOptimizer:
         for q, seed in enumerate(seeds):
             eps_applied = self.apply_(seed, eps)
             lp = loss_fn()
+            self.store.check_forward()
             self.apply_(seed, -2 * eps)
             lm = loss_fn()
             if not (math.isfinite(lp) and math.isfinite(lm)):
@@ -120,25 +131,12 @@ class ZOOptimizer:
 
     @torch.no_grad()
     def update_(self, seeds: list[int], grads: list[float], lr: float) -> None:
-        """theta <- theta - lr * mean_q(g_q z_q) (- lr * wd * theta), the last restore fused in.
+        """theta <- theta (1 - lr wd) - lr * mean_q(g_q z_q), the last restore fused in (zolm.zo.precision).
 
         Called right after the last query's minus-side loss, i.e. with theta perturbed by -eps z_last.
         """
         n = len(seeds)
-        eps = self.config.eps
-        for q, (seed, g) in enumerate(zip(seeds, grads)):
-            coef = -lr * g / n + (eps if q == n - 1 else 0.0)
-            self.apply_(seed, coef)
-        wd = self.config.weight_decay
-        if wd:  # decoupled decay, inside the mask if the tensor has one (masked coordinates never move)
-            for p, m, decay in zip(self.params.params, self.params.masks, self.decay):
-                if not decay:
-                    continue
-                if m is None:
-                    p.data.mul_(1.0 - lr * wd)
-                else:
-                    keep = unpack_mask(m, p.numel()).view(p.shape)
-                    p.data.copy_(torch.where(keep, p.data * (1.0 - lr * wd), p.data))
+        self.store.update_(seeds, [-lr * g / n for g in grads], self.config.weight_decay, lr, self.decay)
 
     def replay_(self, record: dict) -> None:
         """Re-apply a logged step without any forward pass: the same operations in the same order."""

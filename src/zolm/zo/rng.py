@@ -16,15 +16,18 @@ classic SPSA uses Rademacher z, offered here too).
 Why not torch.normal: it is sequential (one generator per call), regenerating 135M values costs ~0.5 s on
 two cores, and its stream depends on how the tensor is chunked. The hash is a pure function of the position,
 so it vectorises, parallelises over threads, can be chunked freely (no whole-tensor temporaries), and is
-identical on every backend: the C kernel (kernels/zo_axpy.c, compiled with gcc and loaded with ctypes) and
-the torch implementation below give the same bits. Exactness rests on one rule: coefficients are rounded to
-14 significant bits (:func:`round_coef`), so coef * s is exact in float32 and ``p + coef*s`` rounds once,
-FMA or not.
+identical on every backend: the C kernel (kernels/zo_axpy.c, compiled with gcc and loaded with ctypes), the
+torch implementation below and its torch.compile'd form on CUDA give the same bits. Exactness rests on one
+rule: coefficients are rounded to 14 significant bits (:func:`round_coef`), so coef * s is exact in float32
+and ``p + coef*s`` rounds once, FMA or not. A pass that restores and updates applies two such coefficients
+(``(p + eps s) + lr g s``), never their sum: the small step keeps its own 14 bits.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 
@@ -38,6 +41,8 @@ M64 = 0xFFFFFFFFFFFFFFFF
 SAMPLERS: dict[str, tuple[int, float]] = {"ih4": (0, math.sqrt(4 * (256**2 - 1) / 12)), "rademacher": (1, 1.0)}
 COEF_BITS = 14
 _CHUNK = 1 << 16
+_GPU_CHUNK = 1 << 24
+log = logging.getLogger(__name__)
 
 
 def splitmix64(x: int) -> int:
@@ -85,19 +90,77 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash(j: torch.Tensor, k1, k2) -> torch.Tensor:
+    """mix32(mix32(j ^ k1) ^ k2) of int64 positions j (keys: ints or 0-dim int64 tensors)."""
+    return _mix32(_mix32((j & M32) ^ k1) ^ k2)
+
+
 def hash_positions(start: int, n: int, key: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """h_j = mix32(mix32(j ^ k1) ^ k2) for j = start .. start+n-1, as int64 values in [0, 2^32)."""
-    j = torch.arange(start, start + n, dtype=torch.int64, device=device) & M32
-    return _mix32(_mix32(j ^ key[0]) ^ key[1])
+    return _hash(torch.arange(start, start + n, dtype=torch.int64, device=device), key[0], key[1])
 
 
-def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
-    h = hash_positions(start, n, (k1, k2), device)
+def s_of_hash(h: torch.Tensor, sampler_id: int) -> torch.Tensor:
+    """The integer draw s (as float32) of hash values h: ih4 (sampler 0) or Rademacher (1)."""
     if sampler_id == 0:
         s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24) - 510
     else:
         s = 1 - 2 * (h >> 31)
     return s.to(torch.float32)
+
+
+def positions(start, n: int, device) -> torch.Tensor:
+    """Flat positions start .. start+n-1 (int64); ``start`` an int or a 0-dim int64 tensor."""
+    return torch.arange(n, dtype=torch.int64, device=device) + start
+
+
+def _torch_draw(n: int, start: int, k1: int, k2: int, sampler_id: int, device: torch.device) -> torch.Tensor:
+    return s_of_hash(hash_positions(start, n, (k1, k2), device), sampler_id)
+
+
+def _axpy2_chunk(seg: torch.Tensor, start: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, a1: torch.Tensor,
+                 a2: torch.Tensor, sampler_id: int, keep: torch.Tensor | None, two: bool) -> torch.Tensor:
+    """(seg + a1 s) (+ a2 s if ``two``) over one chunk, computed in float32 (float64 tensors: in float64);
+    where ``keep`` is False the values are returned unchanged. Keys and coefficients are 0-dim tensors, so
+    torch.compile traces the function once, not once per step."""
+    s = s_of_hash(_hash(positions(start, seg.numel(), seg.device), k1, k2), sampler_id)
+    x = seg if seg.dtype == torch.float64 else seg.float()
+    out = x + s * a1
+    if two:
+        out = out + s * a2
+    if keep is not None:  # where(), not a multiply by the mask: p + 0.0 would turn -0.0 into +0.0
+        out = torch.where(keep, out, x)
+    return out.to(seg.dtype)
+
+
+def chunk_size(device: torch.device) -> int:
+    """Elements per torch-fallback chunk: small on the CPU (cache-sized temporaries), large on accelerators
+    (few kernel launches; the temporaries are ~40 bytes per element)."""
+    return _CHUNK if device.type == "cpu" else _GPU_CHUNK
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn, device: torch.device):
+    """``fn`` compiled by torch.compile (dynamic shapes) for CUDA devices: the ~40 elementwise ops of the
+    hash, draw and update fuse into one kernel. Eager elsewhere, or with ``ZOLM_COMPILE=0``, or if
+    compilation fails (one warning; the eager function gives the same bits)."""
+    if device.type != "cuda" or os.environ.get("ZOLM_COMPILE", "1") == "0":
+        return fn
+    if fn not in _COMPILED:
+        try:
+            _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
+            log.warning("zolm: torch.compile unavailable (%s); using eager kernels", e)
+            _COMPILED[fn] = fn
+    return _COMPILED[fn]
+
+
+def scalars(device: torch.device, *ints: int, floats: tuple[float, ...] = ()) -> list[torch.Tensor]:
+    """0-dim tensors for the integer keys (int64) and float coefficients (float32) of a chunk function."""
+    return ([torch.tensor(int(i), dtype=torch.int64, device=device) for i in ints]
+            + [torch.tensor(float(f), dtype=torch.float32, device=device) for f in floats])
 
 
 def _lib():
@@ -128,47 +191,62 @@ def draw(n: int, key: tuple[int, int], sampler: str = "ih4", start: int = 0,
     if use_c:
         _lib().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, torch.get_num_threads())
     else:
-        for s in range(0, n, _CHUNK):
-            m = min(_CHUNK, n - s)
+        step = chunk_size(device)
+        for s in range(0, n, step):
+            m = min(step, n - s)
             out[s:s + m] = _torch_draw(m, start + s, key[0], key[1], sid, device)
     return out.div_(std) if std != 1.0 else out
 
 
-def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "ih4",
-            mask: torch.Tensor | None = None) -> float:
-    """In place ``p += coef * z`` (z of unit variance from ``key``), only where ``mask`` is set if given.
+def check_mask(mask: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    """A bool mask of p's shape, or p.numel()/8 bit-packed bytes, as contiguous packed uint8 on p's device."""
+    if mask is None:
+        return None
+    n = p.numel()
+    packed = (pack_mask(mask) if mask.dtype == torch.bool else mask).to(p.device).contiguous()
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"mask must be bool of shape {tuple(p.shape)} or {(n + 7) // 8} packed uint8 bytes")
+    return packed
 
-    ``mask`` is a bool tensor of p's shape or a bit-packed uint8 one (:func:`pack_mask`); masked-out
-    coordinates keep their exact bits. Returns the coefficient actually applied to the unit-variance z
-    (``coef`` rounded so the arithmetic is exact; see module docstring). Any dtype and device; float32 CPU
-    tensors use the C kernel.
+
+def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "ih4",
+            mask: torch.Tensor | None = None, then: float = 0.0) -> float:
+    """In place ``p = (p + coef z) + then z`` (z of unit variance from ``key``), only where ``mask`` is set.
+
+    Two coefficients, each rounded to 14 significant bits on its own (:func:`round_coef`) and applied as two
+    exact products: ZO fuses the restore (+eps) with the update (-lr g) in one pass, and the update keeps its
+    own precision however much smaller than eps it is (one coefficient ``eps - lr g`` would put lr g on eps's
+    14-bit grid: 3e-8 became 6.9e-8 at eps 1e-3). ``mask`` is a bool tensor of p's shape or a bit-packed
+    uint8 one (:func:`pack_mask`); masked-out coordinates keep their exact bits. Returns the first coefficient
+    actually applied to the unit-variance z. Any dtype and device; float32 CPU tensors use the C kernel,
+    CUDA tensors a compiled torch kernel, all with the same bits (half-precision tensors are computed in
+    float32 and rounded to nearest once).
     """
     if sampler not in SAMPLERS:
         raise unknown("sampler", sampler, SAMPLERS)
     sid, std = SAMPLERS[sampler]
-    a = round_coef(coef / std)
-    if a == 0.0:
+    a1, a2 = round_coef(coef / std), round_coef(then / std)
+    if a1 == 0.0 and a2 == 0.0:
         return 0.0
     n = p.numel()
     if n > 1 << 32:
         raise ValueError("a parameter may hold at most 2^32 elements")
     flat = p.view(-1)
-    packed = None
-    if mask is not None:
-        packed = (pack_mask(mask) if mask.dtype == torch.bool else mask).to(p.device).contiguous()
-        if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-            raise ValueError(f"mask must be bool of shape {tuple(p.shape)} or {(n + 7) // 8} packed uint8 bytes")
+    packed = check_mask(mask, p)
     if backend_for(p) == "c":
         mptr = None if packed is None else packed.data_ptr()
-        _lib().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a, sid, mptr,
-                                    torch.get_num_threads())
+        if a2 == 0.0:
+            _lib().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, sid, mptr,
+                                 torch.get_num_threads())
+        else:
+            _lib().zolm_axpy2_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, a2, sid, mptr,
+                                  torch.get_num_threads())
     else:
-        for s in range(0, n, _CHUNK):
-            m = min(_CHUNK, n - s)
-            step = _torch_draw(m, s, key[0], key[1], sid, p.device).mul_(a)
-            seg = flat[s:s + m]
-            if packed is None:
-                seg.add_(step)
-            else:  # where(), not a multiply by the mask: p + 0.0 would turn -0.0 into +0.0
-                seg.copy_(torch.where(unpack_mask(packed, m, s), seg + step, seg))
-    return a * std
+        fn = compiled(_axpy2_chunk, p.device)
+        k1, k2, ca1, ca2 = scalars(p.device, key[0] & M32, key[1] & M32, floats=(a1, a2))
+        step = chunk_size(p.device)
+        for s in range(0, n, step):
+            m = min(step, n - s)
+            keep = None if packed is None else unpack_mask(packed, m, s)
+            flat[s:s + m] = fn(flat[s:s + m], scalars(p.device, s)[0], k1, k2, ca1, ca2, sid, keep, a2 != 0.0)
+    return a1 * std

@@ -54,6 +54,14 @@ class ParamSet:
                             "parameter in memory; use a device_map without disk offload")
         if not self.params:
             raise ZolmError(f"no parameter matches include={list(include or [])} exclude={list(exclude or [])}")
+        index = {id(p): i for i, p in enumerate(self.params)}
+        # (module, attribute) pairs that hold each tensor (two for a tied embedding / head): lean half-precision
+        # training swaps a perturbed copy in there for the duration of that module's forward (zolm.zo.precision)
+        self.owners: list[list[tuple[nn.Module, str]]] = [[] for _ in self.params]
+        for mod in model.modules():
+            for attr, t in mod._parameters.items():
+                if t is not None and id(t) in index:
+                    self.owners[index[id(t)]].append((mod, attr))
         self.masks: list[torch.Tensor | None] = [None] * len(self.params)
         self.mask_counts: list[int | None] = [None] * len(self.params)
         for name, m in (masks or {}).items():
