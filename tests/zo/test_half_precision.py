@@ -135,7 +135,10 @@ def test_lean_mode_refuses_a_tensor_its_module_does_not_use():
             return (x @ self.inner.weight.T).float().sum()
 
     m = Outside()
-    opt = ZOOptimizer(ParamSet(m, include=[r"inner\.weight"]), ZOConfig(half_mode="lean"))
+    m.used = nn.Linear(4, 1).to(torch.bfloat16)
+    forward = m.forward
+    m.forward = lambda x: forward(x) + m.used(x).float().sum()
+    opt = ZOOptimizer(ParamSet(m, include=[r"inner\.weight", r"used\."]), ZOConfig(half_mode="lean"))
     x = torch.ones(1, 4, dtype=torch.bfloat16)
     with pytest.raises(ZolmError, match="lean cannot perturb inner.weight"):
         opt.step(lambda: float(m(x)), 1, 1e-3)

@@ -206,9 +206,12 @@ class WeightStore:
         self._checked = True
         missed = [n for i, (n, k) in enumerate(zip(self.params.names, self.kinds))
                   if k == "lean" and i not in self._seen]
-        if missed:
+        if missed and self._seen:
             raise ZolmError(f"half_mode lean cannot perturb {missed[0]} (not used inside its own module's forward); "
                             "use half_mode exact")
+        if missed:  # nothing was perturbed: the loss did not run the model's modules (a synthetic loss?)
+            log.warning("zolm: half_mode lean: the loss's forward perturbed no trained tensor; if the loss uses the "
+                        "model, use half_mode exact")
 
     def _warn_inplace(self, p: torch.Tensor, coefs: list[float]) -> None:
         if self._warned or p.dtype not in HALF_DTYPES or not coefs:
