@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 STAMP := $(VENV)/.zolm-installed
 
-.PHONY: demo demo-mezo test test-slow lint install
+.PHONY: demo demo-mezo test test-slow test-cuda lint install
 
 install: $(STAMP)
 
@@ -37,3 +37,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -m cuda

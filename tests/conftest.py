@@ -39,6 +39,21 @@ CORPUS = [s for s, _ in SENTENCES] + [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip ``cuda``-marked tests cleanly on machines without a usable CUDA device (the default run deselects
+    them anyway: ``-m 'not slow and not cuda'``; ``pytest -m cuda`` selects them)."""
+    if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def make_tokenizer():
     """A byte-level BPE tokenizer (no unknown tokens) with BOS/EOS, trained on CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

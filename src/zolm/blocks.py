@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zolm.errors import ZolmError
+from zolm.utils.devices import module_device, to_device
 
 
 def _conv1d_class() -> type | None:
@@ -105,10 +106,29 @@ class BlockInputs:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
+    def to(self, device: torch.device) -> BlockInputs:
+        """These inputs on ``device`` (self when they are there already): a block of a sharded model runs where
+        its weights are, so its inputs and the shared arguments (mask, rotary cos/sin) go there first."""
+        if all(t.device == device for t in _tensors((self.hidden, self.args, self.kwargs))):
+            return self
+        return BlockInputs(self.hidden.to(device), to_device(self.args, device), to_device(self.kwargs, device),
+                           self.hidden_key)
+
     def cast(self, dtype: torch.dtype) -> BlockInputs:
         """A copy whose floating-point tensors (hidden states, masks, cos/sin) have ``dtype``."""
         return BlockInputs(self.hidden.to(dtype), _cast(self.args, dtype), _cast(self.kwargs, dtype),
                            self.hidden_key)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
@@ -156,7 +176,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInpu
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ZolmError(f"calibration ids must be a non-empty [N, L] tensor, got shape {tuple(input_ids.shape)}")
     backbone = getattr(model, "base_model", model)
-    param = next(model.parameters())
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = module_device(embeddings if embeddings is not None else model)  # a sharded model: the first shard
     hidden = None
     captured: dict[str, Any] = {}
 
@@ -172,7 +193,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInpu
         try:
             for i in range(input_ids.shape[0]):
                 captured.clear()
-                backbone(input_ids=input_ids[i:i + 1].to(param.device), use_cache=False)
+                backbone(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
                 if "hidden" not in captured:
                     raise ZolmError(f"{type(model).__name__} never called its first decoder block")
                 if hidden is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from zolm.errors import ZolmError, unknown
+from zolm.utils.devices import place_, resolve_device
 from zolm.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,16 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
         name_or_path: ``smollm2-135m`` (see ``BUILTIN``), a directory written by ``save_pretrained``, or a hub id.
         dtype: torch dtype or its name (``float32``, ``bfloat16``, ``float16``).
         use_cache: keep/reuse a safetensors copy of de-quantized built-in GGUF models.
-        device: move the model there (default: where it loads, the CPU).
+        device: move the model there (default: where it loads, the CPU); checked (``cuda`` without CUDA is a
+            one-line error) and, under torchrun, ``cuda`` is this worker's ``cuda:LOCAL_RANK``.
         device_map: passed to ``from_pretrained`` (accelerate) to spread a model too large for one device
-            over several devices and CPU memory, e.g. ``"auto"``.
+            over several devices and CPU memory, e.g. ``"auto"``; zolm's low-bit and compressed folders are
+            dispatched with the same map. Takes precedence over ``device``.
 
     The model is a plain ``transformers`` causal LM in eval mode; the tokenizer pads on the left.
     """
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device) if device is not None and device_map is None else None
     if name_or_path in BUILTIN:
         if device_map is not None:  # de-quantize once, then load the cached copy with the map
             _load_gguf_builtin(name_or_path, torch.float32, True)
@@ -144,11 +148,12 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
         from zolm.compressed import is_compressed, load_compressed
         from zolm.quant.serialize import is_quantized_dir, load_quantized
 
-        if is_quantized_dir(p):
-            return _finish(load_quantized(p, device), AutoTokenizer.from_pretrained(str(p)))
+        if is_quantized_dir(p):  # low-bit codes: float parts in ``dtype``, placed by device / device_map
+            model = load_quantized(p, device, dtype=dtype, device_map=device_map)
+            return _finish(model, AutoTokenizer.from_pretrained(str(p)))
         if is_compressed(p):  # a pruned model stored as bitmaps + non-zero values
             model, tokenizer = load_compressed(p, dtype)
-            model = model.to(device) if device is not None else model
+            model = place_(model, device, device_map)
             return _finish(model, tokenizer or AutoTokenizer.from_pretrained(str(p)))
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:

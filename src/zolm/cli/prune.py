@@ -33,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (paper: 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling and RO draws")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="sequences per block forward")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (calibration runs in it)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (model and calibration run there)")
+    p.add_argument("--device-map", default=None,
+                   help="shard the model over devices (accelerate): auto, balanced, sequential; each block's "
+                        "calibration inputs follow it to its device (overrides --device)")
     wpp = p.add_argument_group("Wanda++")
     wpp.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="weight of the regional gradient term")
     wpp.add_argument("--ro-rounds", type=int, default=DEFAULTS.ro_rounds, help="regional optimisation rounds")
@@ -78,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # every option is checked before the model loads
     from zolm.data.calibration import calibration_ids, calibration_source
     from zolm.models import resolve_dtype
+    from zolm.utils.devices import resolve_device
 
     resolve_dtype(args.dtype)
+    device = resolve_device(args.device, distributed=False)  # `--device cuda` without CUDA: one line, exit 2
     if args.nsamples < 1 or args.seqlen < 2:
         raise ZolmError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
     source = calibration_source(args.calib_data, args.data_dir) if config.needs_calibration else None
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from zolm.prune.api import prune_
     from zolm.utils.io import atomic_write_json
 
-    model, tok = models.load(args.model, args.dtype)
+    model, tok = models.load(args.model, args.dtype, device=device, device_map=args.device_map)
     calib = None
     if source is not None:
         calib = calibration_ids(tok, source, None, args.nsamples, args.seqlen, args.seed)
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                "sparsity": report.sparsity, "params_pruned": report.params_pruned, "seconds": report.seconds,
                "calibration": None if source is None else {"data": str(source), "nsamples": args.nsamples,
                                                            "seqlen": args.seqlen, "seed": args.seed},
+               "device": str(device) if args.device_map is None else f"device_map={args.device_map}",
                "out": str(out)}
     atomic_write_json(out / "prune_report.json", {**summary, "report": report.to_dict()})
     if args.compressed:

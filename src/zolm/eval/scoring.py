@@ -33,7 +33,13 @@ def _base_class(model) -> type:
 def input_device(model) -> torch.device:
     """Where the model's inputs go (the embedding's device; with a device_map, the first shard's)."""
     if hasattr(model, "get_input_embeddings"):
-        return model.get_input_embeddings().weight.device
+        emb = model.get_input_embeddings()
+        hook = getattr(emb, "_hf_hook", None)  # accelerate: the embedding runs there (its weights may be offloaded)
+        if getattr(hook, "execution_device", None) is not None:
+            d = hook.execution_device
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        codes = getattr(emb, "qweight", None)  # a quantized embedding: its ``weight`` would dequantize the table
+        return (codes if codes is not None else emb.weight).device
     return next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(0)).device
 
 

@@ -7,6 +7,8 @@ The loop (Wanda's and SparseGPT's "sequential" flow, Sun et al. 2024 Sec. 3; Fra
    (streaming statistics of their inputs: ||X_j||^2 for Wanda, X^T X for SparseGPT), keeps the dense outputs,
    and prunes the block in place (Wanda++ also optimises it);
 3. the *pruned* block runs on the same inputs; its outputs overwrite the inputs buffer and feed block l + 1.
+   With a model sharded over devices (``device_map``) both buffers move to block l's device before step 2,
+   so every statistic, output and error of a block is computed where its weights are.
    Their distance to the dense outputs, ||Y_pruned - Y_dense||^2 / ||Y_dense||^2, is the block's reported
    reconstruction error (the quantity Wanda++'s regional optimisation minimises).
 
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from zolm.blocks import BlockInputs, capture_block_inputs, find_block_list, run_block
+from zolm.errors import ZolmError
+from zolm.utils.devices import module_device
 from zolm.utils.log import progress
 
 
@@ -112,6 +116,15 @@ class BlockResult:
     info: Any  # what the method returned (per-layer details)
 
 
+def block_device(block: nn.Module, name: str = "block") -> torch.device:
+    """Where ``block`` runs (its weights' device, or its accelerate execution device); pruning edits weights
+    in place, so a block whose weights are offloaded (meta tensors) is refused with a one-line error."""
+    if any(p.device.type == "meta" for p in block.parameters()):
+        raise ZolmError(f"{name} is offloaded (its weights are not in memory): pruning edits weights in place; "
+                        "load the model without CPU/disk offload (a device_map over GPUs only, or --device)")
+    return module_device(block)
+
+
 ProcessBlock = Callable[[int, str, nn.Module, BlockInputs, torch.Tensor], Any]
 
 
@@ -136,6 +149,8 @@ def blockwise(model: nn.Module, input_ids: torch.Tensor, process: ProcessBlock, 
         bar = progress(total=len(blocks), desc=desc)
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
+            device = block_device(block, f"{prefix}.{i}")
+            inputs, dense = inputs.to(device), dense.to(device)  # a sharded model: everything where block i is
             info = process(i, f"{prefix}.{i}", block, inputs, dense)
             rel = forward_all(block, inputs, batch_size, out=inputs.hidden, reference=dense)
             results.append(BlockResult(i, f"{prefix}.{i}", time.perf_counter() - t0, float(rel), info))

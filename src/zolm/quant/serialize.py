@@ -32,10 +32,20 @@ def save_quantized_files(model, directory: Path) -> None:
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "zolm": "quantized"})
 
 
-def load_quantized(path: str | Path, device: torch.device | str | None = None):
-    """The quantized model saved in ``path`` (its tokenizer is loaded by the caller)."""
+def load_quantized(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   device_map: str | dict | None = None):
+    """The quantized model saved in ``path`` (its tokenizer is loaded by the caller).
+
+    Args:
+        device: where the model goes (ignored when ``device_map`` is given).
+        dtype: dtype of the float parts (norms, biases, float layers; codes and scales keep theirs, see
+            ``zolm.quant.placement``); None keeps the stored dtypes.
+        device_map: ``"auto"``, a device name or ``{module: device}``: dispatched with accelerate.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zolm.quant.placement import cast_float_parts_, place_quantized_
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -50,6 +60,6 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None):
         if key.endswith(".sparsity_mask"):
             model.get_submodule(key.rsplit(".", 1)[0]).sparsity_mask = value
     model.load_state_dict(state, strict=True, assign=True)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    if dtype is not None:
+        cast_float_parts_(model, dtype)
+    return place_quantized_(model, device, device_map).eval()

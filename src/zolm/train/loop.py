@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from zolm import models
 from zolm.data.encode import encode_all, training_batch
 from zolm.data.tasks import load_splits
@@ -34,6 +36,7 @@ from zolm.train.config import FinetuneConfig
 from zolm.train.methods import StepBatch, build_method
 from zolm.train.plot import plot_loss
 from zolm.utils import dist
+from zolm.utils.devices import resolve_device, use_device
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
 from zolm.utils.log import progress
 from zolm.zo.optimizer import DivergenceError
@@ -101,6 +104,17 @@ def _flat(prefix: str, result: dict) -> dict:
     return out
 
 
+def placement(config: FinetuneConfig) -> torch.device:
+    """This worker's device, checked before any work: ``cuda`` is ``cuda:LOCAL_RANK`` under torchrun (made the
+    current device); a device_map shards one model per process, which torchrun's data parallelism cannot share."""
+    if config.device_map is not None and dist.world_size() > 1:
+        raise ZolmError("device_map shards one model over the GPUs and cannot be combined with torchrun workers; "
+                        "use --device cuda (one GPU per worker) or a single process with --device-map")
+    device = resolve_device(config.device)
+    use_device(device)
+    return device
+
+
 def finetune(config: FinetuneConfig, overwrite: bool = False,
              callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
     """Fine-tune ``config.model`` on ``config.task`` (one task or a comma-separated mixture).
@@ -108,7 +122,8 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     Returns the results dict. ``callbacks`` are called as ``cb(step, record)`` after every step (tests use
     one to interrupt a run).
     """
-    distributed = dist.init(config.device)
+    device = placement(config)
+    distributed = dist.init(device)
     main = dist.is_main()
     if config.batch_size < dist.world_size() * config.grad_accum:
         raise ZolmError(f"batch_size {config.batch_size} is smaller than workers x grad_accum "
@@ -126,7 +141,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
         resume = json.loads((out / "checkpoint" / "state.json").read_text())
     if main:
         atomic_write_json(out / "run_config.json", config.to_dict())
-    model, tok = models.load(config.model, config.dtype, device=config.device, device_map=config.device_map)
+    model, tok = models.load(config.model, config.dtype, device=device, device_map=config.device_map)
     kinds = [s.task.kind for s in all_splits]
     train = [encode_all(tok, s.train, config.max_length) for s in all_splits]
     dev = [encode_all(tok, s.dev, config.max_length) for s in all_splits]

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from zolm import models
 from zolm.errors import ZolmError
 from zolm.quant.linear import quantize_, quantized_modules
+from zolm.quant.placement import cast_float_parts_
 from zolm.quant.primitives import compute_scales, dequantize, quantize
 from zolm.train.config import FinetuneConfig
 from zolm.train.methods import FOMethod, ZOMethod
@@ -32,7 +33,8 @@ def ensure_quantized(model, config: FinetuneConfig) -> None:
     qc = config.quant_config()
     have = getattr(model.config, "zolm_quantization", None)
     if have is None:
-        quantize_(model, qc)
+        quantize_(model, qc)  # the new layers' float parts (biases, embedding output) follow the run's dtype
+        cast_float_parts_(model, models.resolve_dtype(config.dtype))
     elif {k: v for k, v in have.items() if k != "tied_head"} != qc.to_dict():
         raise ZolmError(f"the model is already quantized as {have['weight']}, not as the run asks "
                         f"({qc.weight.name}); pass matching --bits/--format/--group-size")

@@ -15,6 +15,7 @@ from zolm import models
 from zolm.errors import ZolmError
 from zolm.train.config import FinetuneConfig
 from zolm.train.methods import build_method
+from zolm.utils.devices import resolve_device
 from zolm.utils.log import progress
 from zolm.zo.replay import names_digest, read_log
 
@@ -41,7 +42,8 @@ def replay(log_path: str | Path, base_model: str | None = None, upto_step: int |
     config = FinetuneConfig.from_dict(header["config"])
     if base_model is not None:
         config.model = base_model
-    model, tok = models.load(config.model, config.dtype, device=config.device, device_map=config.device_map)
+    device = None if config.device_map is not None else resolve_device(config.device, distributed=False)
+    model, tok = models.load(config.model, config.dtype, device=device, device_map=config.device_map)
     method = build_method(model, config, run_dir=Path(log_path).parent)
     if names_digest(method.params.names) != header["params_sha256"]:
         raise ZolmError(f"the base model's trainable parameters ({len(method.params)}) differ from the logged "

@@ -25,16 +25,41 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def backend_for(device: torch.device | str) -> str:
+    """The process-group backend for workers on ``device``: gloo on the CPU; on GPUs nccl for CUDA tensors and
+    gloo for CPU ones (``cpu:gloo,cuda:nccl``), so that CPU scalars and GPU gradients both reduce."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init(device: torch.device | str = "cpu") -> bool:
-    """Join the process group torchrun describes (idempotent); returns True when running distributed."""
+    """Join the process group torchrun describes (idempotent); returns True when running distributed.
+
+    On CUDA ``device`` must be this worker's GPU (``zolm.utils.devices.resolve_device`` maps ``cuda`` to
+    ``cuda:LOCAL_RANK``); it becomes the current device and the group is bound to it.
+    """
     if world_size() <= 1:
         return False
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        device = torch.device(device)
+        kwargs = {}
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend_for(device), **kwargs)
     return True
+
+
+def reduce_device() -> torch.device:
+    """Where scalar reductions happen: the CPU when the process group reduces CPU tensors (gloo, or a
+    ``cpu:gloo,cuda:nccl`` group), else the current GPU (a group that is nccl alone rejects CPU tensors)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "gloo" in backend or ("nccl" not in backend and "cuda" not in backend):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class Reducer:
@@ -49,7 +74,7 @@ class Reducer:
             return [float(v) for v in values]
         import torch.distributed as dist
 
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=reduce_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         self.bytes_sent += t.numel() * t.element_size()
         self.calls += 1
