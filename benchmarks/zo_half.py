@@ -48,7 +48,7 @@ def _err(model_name: str, dtype: str, mode: str, steps: int) -> dict:
     for step in range(1, steps + 1):
         gt = float((torch.rand(1, generator=g) + 0.5) * (1 if torch.rand(1, generator=g) < 0.5 else -1))
         values = iter([1.0 + gt * eps, 1.0 - gt * eps])
-        rec = opt.step(lambda: next(values), step, lr)
+        rec = opt.step(lambda v=values: next(v), step, lr)
         for i, p in enumerate(params.params):
             z = draw(p.numel(), tensor_key(rec.seeds[0], i)).double().view(p.shape)
             intended[i] -= rec.lr * rec.grads[0] * z

@@ -13,6 +13,7 @@ import torch
 from zolm.errors import ZolmError
 from zolm.quant.formats import FP8, QuantFormat
 from zolm.utils import native
+from zolm.utils.compile import compiled
 
 
 def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -108,6 +109,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> to
             lib.zolm_dequant_lut8(codes.view(torch.uint8).data_ptr(), _lut(fmt).data_ptr(), scale.data_ptr(),
                                   out.data_ptr(), rows, cols, group, torch.get_num_threads())
         return out
+    return compiled(_dequantize_torch, codes.device)(codes, scale, fmt)
+
+
+def _dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """s * q in torch (one fused kernel per layer when compiled on CUDA: unpack, convert and scale)."""
     q = codes_to_float(codes, fmt)
     return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
 

@@ -17,19 +17,8 @@ from __future__ import annotations
 import torch
 
 from zolm.utils import native
-from zolm.zo.rng import (
-    M32,
-    SAMPLERS,
-    _hash,
-    check_mask,
-    chunk_size,
-    compiled,
-    positions,
-    round_coef,
-    s_of_hash,
-    scalars,
-    unpack_mask,
-)
+from zolm.utils.compile import chunk_size, compiled, scalars
+from zolm.zo.rng import M32, SAMPLERS, _hash, check_mask, positions, round_coef, s_of_hash, unpack_mask
 
 HALF_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 

@@ -30,13 +30,23 @@ from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.quant.primitives import fp8_round
 from zolm.utils import native
+from zolm.utils.compile import chunk_size, compiled, scalars
 from zolm.zo.optimizer import ZOConfig, ZOOptimizer
-from zolm.zo.rng import M32, backend_for, derive_seed, hash_positions, round_coef, tensor_key, unpack_mask
+from zolm.zo.rng import (
+    M32,
+    _hash,
+    backend_for,
+    derive_seed,
+    hash_positions,
+    positions,
+    round_coef,
+    tensor_key,
+    unpack_mask,
+)
 
 S_MAX = 510  # |s| <= 510 for the ih4 draw
 S_STD = math.sqrt(21845)
 STREAM_A, STREAM_B, STREAM_C = 0xA, 0xB, 0xC  # perturbation rounding, update-direction rounding, grid rounding
-_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -65,14 +75,20 @@ class QuZOSettings:
         return (S_MAX / self.levels if self.levels else 1.0) / S_STD
 
 
-def levels(start: int, n: int, key: tuple[int, int], rkey: tuple[int, int], L: int, device) -> torch.Tensor:
-    """Integer levels of u: SR(s * L / 510) with rounding stream ``rkey`` (int64), or s itself when L == 0."""
-    h = hash_positions(start, n, key, device)
+def _levels_of(j: torch.Tensor, k1, k2, r1, r2, L: int) -> torch.Tensor:
+    """Integer levels at positions j (int64): SR(s * L / 510) with the rounding stream (r1, r2), or s if L == 0."""
+    h = _hash(j, k1, k2)
     s = (h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24) - S_MAX
     if L <= 0:
         return s
-    r = hash_positions(start, n, rkey, device) >> 8
+    r = _hash(j, r1, r2) >> 8
     return torch.div(s * L * (1 << 24) + r * S_MAX, S_MAX << 24, rounding_mode="floor")
+
+
+def levels(start: int, n: int, key: tuple[int, int], rkey: tuple[int, int], L: int, device) -> torch.Tensor:
+    """Integer levels of u: SR(s * L / 510) with rounding stream ``rkey`` (int64), or s itself when L == 0."""
+    j = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    return _levels_of(j, key[0], key[1], rkey[0], rkey[1], L)
 
 
 def stream_key(seed: int, index: int, stream: int) -> tuple[int, int]:
@@ -87,34 +103,53 @@ def direction(seed: int, index: int, n: int, settings: QuZOSettings, stream: int
     return lv.double() * settings.unit
 
 
+def _perturb_chunk(seg, start, k1, k2, r1, r2, a, L: int, keep):
+    step = _levels_of(positions(start, seg.numel(), seg.device), k1, k2, r1, r2, L).to(torch.float32) * a
+    if keep is not None:
+        step = torch.where(keep, step, torch.zeros_like(step))
+    return seg + step
+
+
 def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Tensor | None = None) -> None:
     """w += a * level (in place, float32 w) where the bit-packed ``mask`` is set: QuZO's virtual perturbation
-    inside a QuantLinear forward."""
+    inside a QuantLinear forward (C kernel on the CPU, a compiled torch kernel on CUDA)."""
     flat = w.view(-1)
     if backend_for(w) == "c":
         native.lib().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
                                             None if mask is None else mask.data_ptr(), torch.get_num_threads())
         return
-    for s in range(0, flat.numel(), _CHUNK):
-        m = min(_CHUNK, flat.numel() - s)
-        step = levels(s, m, key, rkey, L, w.device).to(torch.float32) * a
-        if mask is not None:
-            step = torch.where(unpack_mask(mask, m, s), step, torch.zeros_like(step))
-        flat[s:s + m] += step
+    fn = compiled(_perturb_chunk, w.device)
+    k1, k2, r1, r2, ca = scalars(w.device, *key, *rkey, floats=(a,))
+    step = chunk_size(w.device)
+    for s in range(0, flat.numel(), step):
+        m = min(step, flat.numel() - s)
+        keep = None if mask is None else unpack_mask(mask, m, s)
+        flat[s:s + m] = fn(flat[s:s + m], scalars(w.device, s)[0], k1, k2, r1, r2, ca, L, keep)
 
 
-def _deltas(module: QuantLinear, start: int, n: int, key, rkey, ukey, c: float, L: int, rtn: bool):
-    """Rounded code steps R(c * level / s) of positions start .. start+n-1 (float32)."""
+def _int_update_chunk(values, scale, start, cols: int, group: int, k1, k2, r1, r2, u1, u2, c, L: int, rtn: bool,
+                      keep, qmin: int, qmax: int):
+    """clamp(q - R(c * level / s)) of one chunk of integer code values (float32): zolm_quzo_update_int* in torch."""
+    j = positions(start, values.numel(), values.device)
+    sc = scale[(j // cols) * (cols // group) + (j % cols) // group]
+    delta = (c * _levels_of(j, k1, k2, r1, r2, L).float()) / sc
+    if rtn:
+        d = torch.round(delta)
+    else:
+        d = torch.floor(delta + (_hash(j, u1, u2) >> 8).float() * (1.0 / 16777216.0))
+    d = d.clamp(-256, 256)
+    if keep is not None:
+        d = torch.where(keep, d, torch.zeros_like(d))
+    return (values - d).clamp(qmin, qmax)
+
+
+def _deltas(module: QuantLinear, start: int, n: int, key, rkey, c: float, L: int) -> torch.Tensor:
+    """Real code steps c * level / s of positions start .. start+n-1 (float32; FP8's update)."""
     cols = module.in_features
     j = torch.arange(start, start + n, device=module.scale.device)
     group = module.fmt.group_size or cols
     sc = module.scale.view(-1)[(j // cols) * (cols // group) + (j % cols) // group]
-    delta = (torch.tensor(c, dtype=torch.float32) * levels(start, n, key, rkey, L, sc.device).float()) / sc
-    if rtn:
-        d = torch.round(delta)
-    else:
-        d = torch.floor(delta + (hash_positions(start, n, ukey, sc.device) >> 8).float() * (1.0 / 16777216.0))
-    return d.clamp(-256, 256), delta
+    return (torch.tensor(c, dtype=torch.float32) * levels(start, n, key, rkey, L, sc.device).float()) / sc
 
 
 @torch.no_grad()
@@ -138,15 +173,22 @@ def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: b
     from zolm.quant.primitives import codes_to_float, float_to_codes
 
     values = codes_to_float(q, fmt).view(-1)
-    for s in range(0, values.numel(), _CHUNK):
-        m = min(_CHUNK, values.numel() - s)
-        d, delta = _deltas(module, s, m, key, rkey, ukey, c, L, rtn)
-        if mask is not None:
-            keep = ~unpack_mask(mask, m, s)
-            d, delta = d.masked_fill(keep, 0.0), delta.masked_fill(keep, 0.0)
-        if fmt.kind == "int":
-            values[s:s + m] = (values[s:s + m] - d).clamp(fmt.qmin, fmt.qmax)
-        else:  # FP8: round the real target onto the FP8 grid
+    step = chunk_size(q.device)
+    if fmt.kind == "int":
+        fn = compiled(_int_update_chunk, q.device)
+        keys = scalars(q.device, *key, *rkey, *ukey, floats=(c,))
+        scale = module.scale.view(-1)
+        for s in range(0, values.numel(), step):
+            m = min(step, values.numel() - s)
+            keep = None if mask is None else unpack_mask(mask, m, s)
+            values[s:s + m] = fn(values[s:s + m], scale, scalars(q.device, s)[0], cols, group, *keys, L, rtn, keep,
+                                 int(fmt.qmin), int(fmt.qmax))
+    else:  # FP8: round the real target onto the FP8 grid
+        for s in range(0, values.numel(), step):
+            m = min(step, values.numel() - s)
+            delta = _deltas(module, s, m, key, rkey, c, L)
+            if mask is not None:
+                delta = delta.masked_fill(~unpack_mask(mask, m, s), 0.0)
             target = (values[s:s + m] - delta).clamp(fmt.qmin, fmt.qmax)
             noise = None if rtn else (hash_positions(s, m, ukey, target.device) >> 8).float() * (1.0 / 16777216.0)
             values[s:s + m] = fp8_round(target, fmt.fp8, noise)

@@ -25,14 +25,13 @@ and ``p + coef*s`` rounds once, FMA or not. A pass that restores and updates app
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 
 import torch
 
 from zolm.errors import unknown
 from zolm.utils import native
+from zolm.utils.compile import chunk_size, compiled, scalars
 from zolm.utils.sparse import pack_mask, unpack_mask  # noqa: F401  (re-exported)
 
 M32 = 0xFFFFFFFF
@@ -40,9 +39,6 @@ M64 = 0xFFFFFFFFFFFFFFFF
 # name -> (id used by the C kernel, standard deviation of the integer draw s)
 SAMPLERS: dict[str, tuple[int, float]] = {"ih4": (0, math.sqrt(4 * (256**2 - 1) / 12)), "rademacher": (1, 1.0)}
 COEF_BITS = 14
-_CHUNK = 1 << 16
-_GPU_CHUNK = 1 << 24
-log = logging.getLogger(__name__)
 
 
 def splitmix64(x: int) -> int:
@@ -131,36 +127,6 @@ def _axpy2_chunk(seg: torch.Tensor, start: torch.Tensor, k1: torch.Tensor, k2: t
     if keep is not None:  # where(), not a multiply by the mask: p + 0.0 would turn -0.0 into +0.0
         out = torch.where(keep, out, x)
     return out.to(seg.dtype)
-
-
-def chunk_size(device: torch.device) -> int:
-    """Elements per torch-fallback chunk: small on the CPU (cache-sized temporaries), large on accelerators
-    (few kernel launches; the temporaries are ~40 bytes per element)."""
-    return _CHUNK if device.type == "cpu" else _GPU_CHUNK
-
-
-_COMPILED: dict = {}
-
-
-def compiled(fn, device: torch.device):
-    """``fn`` compiled by torch.compile (dynamic shapes) for CUDA devices: the ~40 elementwise ops of the
-    hash, draw and update fuse into one kernel. Eager elsewhere, or with ``ZOLM_COMPILE=0``, or if
-    compilation fails (one warning; the eager function gives the same bits)."""
-    if device.type != "cuda" or os.environ.get("ZOLM_COMPILE", "1") == "0":
-        return fn
-    if fn not in _COMPILED:
-        try:
-            _COMPILED[fn] = torch.compile(fn, dynamic=True)
-        except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
-            log.warning("zolm: torch.compile unavailable (%s); using eager kernels", e)
-            _COMPILED[fn] = fn
-    return _COMPILED[fn]
-
-
-def scalars(device: torch.device, *ints: int, floats: tuple[float, ...] = ()) -> list[torch.Tensor]:
-    """0-dim tensors for the integer keys (int64) and float coefficients (float32) of a chunk function."""
-    return ([torch.tensor(int(i), dtype=torch.int64, device=device) for i in ints]
-            + [torch.tensor(float(f), dtype=torch.float32, device=device) for f in floats])
 
 
 def _lib():
