@@ -2,7 +2,8 @@
 
 Prints JSON lines:
   * ``{"part": "pytest", ...}``: ``pytest -m cuda -q`` run as a subprocess, its passed / failed / skipped counts;
-  * one line per model, in bf16: one zolm MeZO step over two forward passes (``step_over_2fwd``), a MeZO-style
+  * one line per model and ZO half_mode (exact: float32 masters; lean: virtual perturbation + SR), in bf16:
+    one zolm MeZO step over two forward passes (``step_over_2fwd``), a MeZO-style
     reference step over two forwards (``ref_step_over_2fwd``: torch.manual_seed + torch.normal per parameter,
     regenerated 4 times per step as princeton-nlp/MeZO does), their ratio (``zolm_over_ref``), and the peak
     GPU memory (torch.cuda.max_memory_allocated) of ZO steps over that of inference (``zo_peak_over_infer``).
@@ -44,12 +45,11 @@ TINY_SMOLLM = dict(hidden_size=48, num_hidden_layers=2, intermediate_size=96, nu
                    num_key_value_heads=1, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def zo_config(args: argparse.Namespace):
-    """The ZO optimiser's config for every measured step: the one place to add new ZOConfig fields
-    (e.g. a half-precision mode) -- ``--zo KEY=VALUE`` passes any field through without editing this file."""
+def zo_config(args: argparse.Namespace, half_mode: str = "exact"):
+    """The ZO optimiser's config for every measured step (``--zo KEY=VALUE`` passes any other field through)."""
     from zolm.zo.optimizer import ZOConfig
 
-    return ZOConfig(**{"eps": args.eps, **args.zo})
+    return ZOConfig(**{"eps": args.eps, "half_mode": half_mode, **args.zo})
 
 
 def _value(text: str):
@@ -121,8 +121,8 @@ class Memory:
         return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_mib()
 
 
-def measure(args: argparse.Namespace, name: str, device: torch.device) -> dict:
-    """Step cost, reference step cost and peak memory of one model (see the module docstring)."""
+def measure(args: argparse.Namespace, name: str, device: torch.device, half_mode: str = "exact") -> dict:
+    """Step cost, reference step cost and peak memory of one model in one half_mode (module docstring)."""
     from zolm.eval.scoring import task_loss
     from zolm.zo.optimizer import ZOOptimizer
     from zolm.zo.spsa import ParamSet
@@ -139,7 +139,7 @@ def measure(args: argparse.Namespace, name: str, device: torch.device) -> dict:
             return float(task_loss(model, b, "multiple_choice"))
 
     lr, eps = 1e-7, args.eps
-    zo = ZOOptimizer(ParamSet(model, include=[".*"]), zo_config(args))
+    zo = ZOOptimizer(ParamSet(model, include=[".*"]), zo_config(args, half_mode))
     params = [p for _, p in model.named_parameters()]
     loss()  # warm-up: first-call allocations and kernel selection are not the steady state
     mem.reset()
@@ -182,7 +182,8 @@ def measure(args: argparse.Namespace, name: str, device: torch.device) -> dict:
             "ref_step_over_2fwd": round(rs / (2 * rf), 3), "zolm_over_ref": round(s / rs, 3),
             "zo_peak_over_infer": round(zo_peak / infer_peak, 3), "fwd_s": round(f, 4), "zolm_step_s": round(s, 4),
             "ref_step_s": round(rs, 4), "infer_peak_mib": round(infer_peak, 1), "zo_peak_mib": round(zo_peak, 1),
-            "zo_config": asdict(zo_config(args))}
+            "half_mode": half_mode, "master_mib": round(zo.store.master_bytes() / 2**20, 1),
+            "zo_config": asdict(zo_config(args, half_mode))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed steps per mode (default 5; tiny 2)")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--zo", nargs="*", default=[], metavar="KEY=VALUE", help="extra ZOConfig fields")
+    ap.add_argument("--half-modes", default="exact,lean", help="ZO half_mode(s) to measure, one line each")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest -m cuda run")
     ap.add_argument("--test-timeout", type=int, default=150)
     args = ap.parse_args(argv)
@@ -211,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tests:
         print(json.dumps({"benchmark": "gpu", **run_cuda_tests(args.test_timeout)}), flush=True)
     for name in args.models.split(","):
-        print(json.dumps({"benchmark": "gpu", **measure(args, name, device), **env}), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for mode in args.half_modes.split(","):
+            print(json.dumps({"benchmark": "gpu", **measure(args, name, device, mode), **env}), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

@@ -10,9 +10,12 @@ For each shape (batch x sequence) it measures, each in its own subprocess:
 Each timing process interleaves forwards with steps and reports median(step) / (2 * median(forward)), so
 machine noise hits numerator and denominator alike.
 
-Reproduce:  .venv/bin/python benchmarks/zo_step.py            (SmolLM2-135M, shapes 16x64 and 8x128)
-            .venv/bin/python benchmarks/zo_step.py --shapes 16x64 --reps 3
-Prints one JSON line per shape.
+Then one more line (benchmarks/zo_half.py) for bfloat16 weights: the update error ratio (error RMS / intended RMS
+over 100 steps), peak memory and step cost of each half_mode (exact, lean, inplace).
+
+Reproduce:  .venv/bin/python benchmarks/zo_step.py            (SmolLM2-135M, shapes 16x64 and 8x128, then bf16)
+            .venv/bin/python benchmarks/zo_step.py --shapes 16x64 --reps 3 --half-dtype none
+Prints one JSON line per shape, and the half-precision line.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--shapes", default="16x64,8x128")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--half-dtype", default="bfloat16", choices=["bfloat16", "float16", "none"],
+                    help="also print the half-precision line (benchmarks/zo_half.py) for this dtype")
     args = ap.parse_args()
     if args.worker:
         mode, model, batch, seq, reps = args.worker
@@ -138,6 +143,11 @@ def main() -> None:
             "ref_step_s": round(ref["step_s"], 3), "infer_peak_mib": round(infer["peak_mib"]),
             "zo_peak_mib": round(zo["peak_mib"]), "fo_peak_mib": round(fo["peak_mib"]), **environment()}),
             flush=True)
+    if args.half_dtype != "none":
+        from zo_half import half_line
+
+        here = __import__("pathlib").Path(__file__).resolve().parent
+        print(json.dumps(half_line(args.model, args.half_dtype, script=str(here / "zo_half.py"))), flush=True)
 
 
 if __name__ == "__main__":

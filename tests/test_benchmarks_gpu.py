@@ -18,9 +18,12 @@ def _run(*args: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.strip().splitlines()]
 
 
-def test_tiny_run_on_cpu_prints_one_line_per_model():
+def test_tiny_run_on_cpu_prints_one_line_per_model_and_half_mode():
     lines = _run("--device", "cpu", "--tiny", "--no-tests", "--reps", "1", "--zo", "sampler=\"rademacher\"")
-    assert [r["model"] for r in lines] == ["smollm2-135m-tiny", "llama-1b-tiny"]
+    assert [(r["model"], r["half_mode"]) for r in lines] == [
+        ("smollm2-135m-tiny", "exact"), ("smollm2-135m-tiny", "lean"), ("llama-1b-tiny", "exact"),
+        ("llama-1b-tiny", "lean")]
+    assert [r["master_mib"] > 0 for r in lines] == [True, False, True, False]
     for r in lines:
         assert r["dtype"] == "bfloat16" and r["device"] == "cpu" and r["zo_config"]["sampler"] == "rademacher"
         for key in ("step_over_2fwd", "ref_step_over_2fwd", "zolm_over_ref", "zo_peak_over_infer"):
