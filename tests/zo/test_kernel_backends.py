@@ -38,6 +38,9 @@ def _passes(device: str) -> list[torch.Tensor]:
         halfprec.master_step_(master, d3, KEY, -3e-6, mask=m, mult=0.999)
         x = w.clone()
         halfprec.sr_step_(x, KEY, RKEY, -1e-6, mult=1.0)
+        y = w.clone()
+        rng.axpy_z_(y, KEY, 1e-3, mask=m, then=-2e-5)  # inplace mode on half weights
+        out.append(y.view(torch.int16).cpu())
         out += [d1.view(torch.int16).cpu(), d2.view(torch.int16).cpu(), master.cpu(), d3.view(torch.int16).cpu(),
                 x.view(torch.int16).cpu()]
     # QuZO: quantized perturbation of a dequantized weight and stochastically rounded code updates

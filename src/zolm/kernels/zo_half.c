@@ -139,3 +139,16 @@ void zolm_sr_step_half(uint16_t *w, int64_t n, int64_t start, uint32_t k1, uint3
         w[i] = sr_half(x, zo_hash(j, r1, r2) >> 8, dtype);
     }
 }
+
+/* In place on half weights: p = half((float(p) + a1 s) [+ a2 s]) (the torch fallback's expression; inplace mode). */
+void zolm_axpy_half(uint16_t *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float a1, float a2, int two,
+                    int sampler, const uint8_t *mask, int dtype, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++) {
+        if (!KEEP(mask, i)) continue;
+        float s = draw_s((uint32_t)(start + i), k1, k2, sampler);
+        float x = half_to_f32(p[i], dtype) + s * a1;
+        if (two) x = x + s * a2;
+        p[i] = f32_to_half(x, dtype);
+    }
+}

@@ -25,6 +25,7 @@ SIGNATURES = {
     "zolm_axpy_f32": [_ptr, _i64, _i64, _u32, _u32, _f32, _int, _ptr, _int],
     "zolm_draw_f32": [_ptr, _i64, _i64, _u32, _u32, _int, _int],
     "zolm_axpy2_f32": [_ptr, _i64, _i64, _u32, _u32, _f32, _f32, _int, _ptr, _int],
+    "zolm_axpy_half": [_ptr, _i64, _i64, _u32, _u32, _f32, _f32, _int, _int, _ptr, _int, _int],
     "zolm_perturb_half": [_ptr, _ptr, _int, _i64, _i64, _u32, _u32, _f32, _int, _ptr, _int, _int],
     "zolm_master_step": [_ptr, _ptr, _i64, _i64, _u32, _u32, _f32, _f32, _int, _ptr, _int, _int],
     "zolm_sr_step_half": [_ptr, _i64, _i64, _u32, _u32, _f32, _f32, _int, _u32, _u32, _ptr, _int, _int],

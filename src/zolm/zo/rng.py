@@ -199,7 +199,11 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
         raise ValueError("a parameter may hold at most 2^32 elements")
     flat = p.view(-1)
     packed = check_mask(mask, p)
-    if backend_for(p) == "c":
+    half = {torch.bfloat16: 0, torch.float16: 1}.get(p.dtype)
+    if half is not None and p.device.type == "cpu" and p.is_contiguous() and _lib() is not None:
+        _lib().zolm_axpy_half(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, a2, int(a2 != 0.0), sid,
+                              None if packed is None else packed.data_ptr(), half, torch.get_num_threads())
+    elif backend_for(p) == "c":
         mptr = None if packed is None else packed.data_ptr()
         if a2 == 0.0:
             _lib().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, sid, mptr,
