@@ -106,6 +106,35 @@ def _run(model_name: str, dtype: str, mode: str, what: str, reps: int) -> dict:
     return {"mode": mode, "step_over_2fwd": statistics.median(steps) / (2 * statistics.median(fwd))}
 
 
+def curves(steps: int = 60, lr: float = 2e-3) -> dict:
+    """MeZO on a tiny random Llama (from a config) in float32 and in bf16 under each half_mode, same seed:
+    10-step means of the training loss (what tests/train/test_half_precision_runs.py asserts on)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zolm.eval.scoring import task_loss
+    from zolm.zo.optimizer import ZOConfig, ZOOptimizer
+    from zolm.zo.spsa import ParamSet
+
+    cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=0)
+    out: dict = {"benchmark": "zo_half_curves", "steps": steps, "lr": lr, "eps": 1e-2, "queries": 4}
+    for dtype, mode in (("float32", "exact"), ("bfloat16", "exact"), ("bfloat16", "lean"), ("bfloat16", "inplace")):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+        b = _batch(model, 16, 12)
+
+        def loss(model=model, b=b) -> float:
+            with torch.inference_mode():
+                return float(task_loss(model, b, "multiple_choice"))
+
+        opt = ZOOptimizer(ParamSet(model), ZOConfig(eps=1e-2, seed=1, half_mode=mode, queries=4))
+        ls = [opt.step(loss, s, lr).loss for s in range(1, steps + 1)]
+        out[f"{dtype}_{mode}" if dtype != "float32" else "float32"] = [round(sum(ls[i:i + 10]) / 10, 4)
+                                                                      for i in range(0, steps, 10)]
+    return out
+
+
 def worker(kind: str, model: str, dtype: str, mode: str, n: int) -> dict:
     if kind == "err":
         return _err(model, dtype, mode, n)
@@ -144,7 +173,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--curves", action="store_true", help="only the tiny-Llama loss curves (seconds)")
     args = ap.parse_args()
+    if args.curves:
+        for lr in (2e-3, 2e-4):
+            print(json.dumps(curves(lr=lr)), flush=True)
+        return
     if args.worker:
         kind, model, dtype, mode, n = args.worker
         print(json.dumps(worker(kind, model, dtype, mode, int(n))))

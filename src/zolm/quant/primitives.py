@@ -104,10 +104,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> to
         out = torch.empty(rows, cols, dtype=torch.float32)
         if packed:
             lib.zolm_dequant_int4(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), rows, cols, group,
-                                  torch.get_num_threads())
+                                  native.threads(rows * cols))
         else:
             lib.zolm_dequant_lut8(codes.view(torch.uint8).data_ptr(), _lut(fmt).data_ptr(), scale.data_ptr(),
-                                  out.data_ptr(), rows, cols, group, torch.get_num_threads())
+                                  out.data_ptr(), rows, cols, group, native.threads(rows * cols))
         return out
     return compiled(_dequantize_torch, codes.device)(codes, scale, fmt)
 

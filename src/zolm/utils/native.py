@@ -88,3 +88,15 @@ _NATIVE = _Native()
 def lib() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (no compiler, or ``ZOLM_KERNEL=torch``)."""
     return _NATIVE.get()
+
+
+PARALLEL_MIN = 1 << 15  # below this many elements a kernel runs on one thread (no OpenMP team to wake)
+
+
+def threads(n: int) -> int:
+    """OpenMP threads for a kernel over ``n`` elements: torch's thread count, or 1 for small tensors (LoRA / TT
+    adapters, norms, tiny models), where starting a team costs more than the work, most of all on a loaded
+    machine."""
+    import torch
+
+    return 1 if n < PARALLEL_MIN else torch.get_num_threads()

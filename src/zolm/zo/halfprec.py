@@ -99,7 +99,7 @@ def perturb_half_(dst: torch.Tensor, src: torch.Tensor, key: tuple[int, int], co
         native.lib().zolm_perturb_half(dflat.data_ptr(), sflat.data_ptr(), int(src.dtype == dst.dtype), n, 0,
                                        key[0] & M32, key[1] & M32, a, sid,
                                        None if packed is None else packed.data_ptr(), HALF_DTYPES[dst.dtype],
-                                       torch.get_num_threads())
+                                       native.threads(n))
     else:
         fn = compiled(_perturb_chunk, dst.device)
         k1, k2, ca = scalars(dst.device, key[0] & M32, key[1] & M32, floats=(a,))
@@ -123,7 +123,7 @@ def master_step_(master: torch.Tensor, dst: torch.Tensor | None, key: tuple[int,
         native.lib().zolm_master_step(mflat.data_ptr(), None if dst is None else dflat.data_ptr(), n, 0,
                                       key[0] & M32, key[1] & M32, c, mult, sid,
                                       None if packed is None else packed.data_ptr(),
-                                      HALF_DTYPES.get(None if dst is None else dst.dtype, 0), torch.get_num_threads())
+                                      HALF_DTYPES.get(None if dst is None else dst.dtype, 0), native.threads(n))
         return
     fn = compiled(_master_chunk, master.device)
     k1, k2, cc, cm = scalars(master.device, key[0] & M32, key[1] & M32, floats=(c, mult))
@@ -148,7 +148,7 @@ def sr_step_(w: torch.Tensor, key: tuple[int, int], rkey: tuple[int, int], coef:
     if _c_ok(w):
         native.lib().zolm_sr_step_half(flat.data_ptr(), n, 0, key[0] & M32, key[1] & M32, c, mult, sid,
                                        rkey[0] & M32, rkey[1] & M32, None if packed is None else packed.data_ptr(),
-                                       HALF_DTYPES[w.dtype], torch.get_num_threads())
+                                       HALF_DTYPES[w.dtype], native.threads(n))
         return
     fn = compiled(_sr_chunk, w.device)
     k1, k2, r1, r2, cc, cm = scalars(w.device, key[0] & M32, key[1] & M32, rkey[0] & M32, rkey[1] & M32,

@@ -116,7 +116,7 @@ def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Te
     flat = w.view(-1)
     if backend_for(w) == "c":
         native.lib().zolm_quzo_perturb_f32(flat.data_ptr(), flat.numel(), *key, *rkey, a, L,
-                                            None if mask is None else mask.data_ptr(), torch.get_num_threads())
+                                            None if mask is None else mask.data_ptr(), native.threads(flat.numel()))
         return
     fn = compiled(_perturb_chunk, w.device)
     k1, k2, r1, r2, ca = scalars(w.device, *key, *rkey, floats=(a,))
@@ -166,9 +166,9 @@ def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: b
                 None if mask is None else mask.data_ptr())
         if fmt.bits == 8:
             native.lib().zolm_quzo_update_int8(q.data_ptr(), *args, int(fmt.qmin), int(fmt.qmax),
-                                                torch.get_num_threads())
+                                                native.threads(rows * cols))
         else:
-            native.lib().zolm_quzo_update_int4(q.data_ptr(), *args, torch.get_num_threads())
+            native.lib().zolm_quzo_update_int4(q.data_ptr(), *args, native.threads(rows * cols))
         return
     from zolm.quant.primitives import codes_to_float, float_to_codes
 

@@ -155,7 +155,7 @@ def draw(n: int, key: tuple[int, int], sampler: str = "ih4", start: int = 0,
     out = torch.empty(n, dtype=torch.float32, device=device)
     use_c = (backend or ("c" if device.type == "cpu" else "torch")) == "c" and _lib() is not None
     if use_c:
-        _lib().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, torch.get_num_threads())
+        _lib().zolm_draw_f32(out.data_ptr(), n, start, key[0], key[1], sid, native.threads(n))
     else:
         step = chunk_size(device)
         for s in range(0, n, step):
@@ -202,15 +202,15 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
     half = {torch.bfloat16: 0, torch.float16: 1}.get(p.dtype)
     if half is not None and p.device.type == "cpu" and p.is_contiguous() and _lib() is not None:
         _lib().zolm_axpy_half(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, a2, int(a2 != 0.0), sid,
-                              None if packed is None else packed.data_ptr(), half, torch.get_num_threads())
+                              None if packed is None else packed.data_ptr(), half, native.threads(n))
     elif backend_for(p) == "c":
         mptr = None if packed is None else packed.data_ptr()
         if a2 == 0.0:
             _lib().zolm_axpy_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, sid, mptr,
-                                 torch.get_num_threads())
+                                 native.threads(n))
         else:
             _lib().zolm_axpy2_f32(flat.data_ptr(), n, 0, *(k & M32 for k in key), a1, a2, sid, mptr,
-                                  torch.get_num_threads())
+                                  native.threads(n))
     else:
         fn = compiled(_axpy2_chunk, p.device)
         k1, k2, ca1, ca2 = scalars(p.device, key[0] & M32, key[1] & M32, floats=(a1, a2))
