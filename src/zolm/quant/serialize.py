@@ -1,9 +1,12 @@
 """Save and load quantized models: low-bit codes and scales as safetensors, the QuantConfig in config.json.
 
-The directory looks like a ``save_pretrained`` one (config.json, model.safetensors, tokenizer files); config.json
-carries ``zolm_quantization``, and model.safetensors holds the int8 / packed-uint8 / float8 codes and float32
-scales instead of float weights. ``zolm.models.load`` recognises it and calls :func:`load_quantized`, which
-rebuilds the architecture without allocating float weights and assigns the stored tensors.
+The directory is laid out like a ``save_pretrained`` one (config.json, tokenizer files) but only zolm reads it:
+config.json carries ``zolm_quantization`` and a ``model_type`` other tools refuse with a message naming zolm
+(zolm.artefacts), and ``zolm-quantized.safetensors`` (a name transformers does not look for) holds the int8 /
+packed-uint8 / float8 codes and float32 scales instead of float weights, so plain transformers raises instead of
+loading random weights. ``zolm.models.load`` recognises it and calls :func:`load_quantized`, which rebuilds the
+architecture without allocating float weights and assigns the stored tensors (folders of older zolm versions,
+with model.safetensors and the real model_type, load too). ``zolm export --format hf`` writes a float folder.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zolm.artefacts import load_config, mark_config
 from zolm.quant.formats import QuantConfig
 from zolm.quant.linear import quantize_
+
+WEIGHTS = "zolm-quantized.safetensors"
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -29,23 +35,30 @@ def save_quantized_files(model, directory: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "zolm": "quantized"})
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "zolm": "quantized"})
+    mark_config(directory, _kind(model.config.zolm_quantization))
+
+
+def _kind(settings: dict) -> str:
+    """The folder kind named in its model_type, e.g. ``int4-g32``."""
+    d = {k: v for k, v in settings.items() if k != "tied_head"}
+    return QuantConfig.from_dict(d).weight.name
 
 
 def load_quantized(path: str | Path, device: torch.device | str | None = None):
     """The quantized model saved in ``path`` (its tokenizer is loaded by the caller)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     settings = dict(config.zolm_quantization)
     del config.zolm_quantization
     tied = settings.pop("tied_head", False)
     with init_empty_weights(include_buffers=False):  # no float weights are allocated
         model = AutoModelForCausalLM.from_config(config)
     quantize_(model, QuantConfig.from_dict(settings), tied=tied)
-    state = load_file(str(path / "model.safetensors"))
+    state = load_file(str(path / WEIGHTS if (path / WEIGHTS).is_file() else path / "model.safetensors"))
     for key, value in state.items():  # optional buffers (pruning masks) exist only where they were saved
         if key.endswith(".sparsity_mask"):
             model.get_submodule(key.rsplit(".", 1)[0]).sparsity_mask = value
