@@ -3,7 +3,8 @@
 For f16 of the float model, and for INT4 (groups of 32, fp16 scales, INT8 embedding) -> q4_0 and
 INT8 (groups of 32, fp16 scales) -> q8_0, it writes the GGUF file, reads every tensor back with gguf's own
 reader and dequantizer (gguf.quants.dequantize) and compares it with zolm's dequantized weight (after
-llama.cpp's Q/K row permutation). Prints one JSON line.
+llama.cpp's Q/K row permutation). It also writes the INT4 model as a compressed-tensors pack-quantized folder
+and checks that plain transformers gives zolm's logits on it. Prints one JSON line.
 
 Reproduce:  .venv/bin/python benchmarks/gguf_export.py            (~2 minutes on 2 CPU cores)
 Same as:    zolm quantize --bits 4 --group-size 32 --out int4 && zolm export --model int4 --format gguf \
@@ -60,6 +61,22 @@ def compare(path: Path, expected: dict[str, np.ndarray]) -> dict:
             "pre": r.fields["tokenizer.ggml.pre"].contents()}
 
 
+def compressed_tensors_row(model, tok, out: Path) -> dict:
+    """Size of the pack-quantized folder, and plain transformers' logits on it against zolm's."""
+    from transformers import AutoModelForCausalLM
+
+    from zolm.quant.ct import save_ct
+
+    save_ct(model, tok, out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    ids = tok("Zeroth-order fine-tuning costs two forward passes.", return_tensors="pt")["input_ids"]
+    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        same = torch.equal(plain(ids).logits, model(ids).logits)
+    return {"bytes": size, "MB": round(size / 1e6, 1), "MiB": round(size / 2**20, 1),
+            "plain_transformers_logits_equal_zolm": same}
+
+
 def main() -> None:
     from zolm import models
     from zolm.export import export_gguf
@@ -79,6 +96,8 @@ def main() -> None:
             rows[f"{label}->{gtype}"] = {"bytes": info["bytes"], "MB": round(info["bytes"] / 1e6, 1),
                                          "MiB": round(info["bytes"] / 2**20, 1), "seconds": round(seconds, 1),
                                          "encodings": info["encodings"], **check}
+            if label == "int4-g32":
+                rows["int4-g32->compressed-tensors"] = compressed_tensors_row(m, tok, Path(tmp) / "ct")
             del m
     print(json.dumps({"model": "smollm2-135m", "torch": torch.__version__, "results": rows}))
 

@@ -106,3 +106,35 @@ def test_tt_adapter_folders_refuse_peft_with_a_message_naming_zolm(tiny_llama_di
         PeftModel.from_pretrained(_plain(tiny_llama_dir), str(folder))
     with pytest.raises(KeyError, match="zolm TT adapter"):  # transformers loads the base, then peft refuses
         _plain(folder)
+
+
+@pytest.mark.parametrize("fmt,embed_bits,pruned", [
+    (QuantFormat("int", 4, group_size=32), 8, False),  # fp16 scales: the embedding's codes come back from its floats
+    (QuantFormat("int", 8), 8, True),  # per channel, float32 scales: the codes travel in zolm_extra.safetensors
+    (QuantFormat("int", 4, group_size=16), None, False),  # float embedding, tied head
+], ids=["int4-g32", "int8-pruned", "int4-g16-float-embedding"])
+def test_compressed_tensors_folders_load_in_plain_transformers_and_back_in_zolm(tiny_llama_dir, tmp_path, fmt,
+                                                                              embed_bits, pruned):
+    pytest.importorskip("compressed_tensors")
+    from zolm.cli import main
+    from zolm.quant.linear import QuantEmbedding, QuantLinear
+
+    model, tok = _pruned(tiny_llama_dir) if pruned else models.load(tiny_llama_dir)
+    quantize_(model, QuantConfig(weight=fmt, embed_bits=embed_bits))
+    expected = _logits(model)
+    models.save(model, tok, tmp_path / "zolm")
+    assert main(["export", "--model", str(tmp_path / "zolm"), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct")]) == 0
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    assert torch.equal(_logits(_plain(tmp_path / "ct")), expected), "plain transformers: zolm's logits"
+    back = models.load(str(tmp_path / "ct"))[0]
+    assert torch.equal(_logits(back), expected)
+    mine = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)}
+    theirs = {n: m for n, m in back.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)}
+    assert set(mine) == set(theirs)
+    for name, m in mine.items():  # the same codes and scales: training resumes on exactly this model
+        assert torch.equal(m.qweight, theirs[name].qweight) and torch.equal(m.scale, theirs[name].scale), name
+        if isinstance(m, QuantLinear) and m.sparsity_mask is not None:
+            assert torch.equal(m.sparsity_mask, theirs[name].sparsity_mask)

@@ -146,8 +146,14 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
                             f"built-in models: {', '.join(BUILTIN)}")
     if looks_local:
         from zolm.compressed import is_compressed, load_compressed
+        from zolm.quant.ct import is_ct_dir
         from zolm.quant.serialize import is_quantized_dir, load_quantized
 
+        if is_ct_dir(p):  # compressed-tensors pack-quantized (zolm export --format compressed-tensors)
+            from zolm.quant.ct import load_ct
+
+            model = load_ct(p, device)
+            return _finish(model, AutoTokenizer.from_pretrained(str(p)))
         if is_quantized_dir(p):
             model = load_quantized(p, device)
             return _finish(model, AutoTokenizer.from_pretrained(str(p), config=model.config))

@@ -26,7 +26,10 @@ WEIGHTS = "zolm-quantized.safetensors"
 
 def is_quantized_dir(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and "zolm_quantization" in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    d = json.loads(cfg.read_text())
+    return "zolm_quantization" in d and "quantization_config" not in d  # not a compressed-tensors folder
 
 
 def save_quantized_files(model, directory: Path) -> None:
@@ -35,6 +38,10 @@ def save_quantized_files(model, directory: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    head = state.get("lm_head.weight")
+    if head is not None and getattr(model.config, "tie_word_embeddings", False) and any(
+            v is not head and v.data_ptr() == head.data_ptr() for v in state.values()):
+        del state["lm_head.weight"]  # a float head tied to a float embedding: stored once, re-tied on load
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "zolm": "quantized"})
     mark_config(directory, _kind(model.config.zolm_quantization))
 
@@ -62,6 +69,9 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None):
     for key, value in state.items():  # optional buffers (pruning masks) exist only where they were saved
         if key.endswith(".sparsity_mask"):
             model.get_submodule(key.rsplit(".", 1)[0]).sparsity_mask = value
+    if "lm_head.weight" in model.state_dict() and "lm_head.weight" not in state and config.tie_word_embeddings:
+        state["lm_head.weight"] = state[next(n for n, m in model.named_modules()
+                                             if m is model.get_input_embeddings()) + ".weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if device is not None:
         model.to(device)
