@@ -6,7 +6,8 @@ config.json carries ``zolm_quantization`` and a ``model_type`` other tools refus
 packed-uint8 / float8 codes and float32 scales instead of float weights, so plain transformers raises instead of
 loading random weights. ``zolm.models.load`` recognises it and calls :func:`load_quantized`, which rebuilds the
 architecture without allocating float weights and assigns the stored tensors (folders of older zolm versions,
-with model.safetensors and the real model_type, load too). ``zolm export --format hf`` writes a float folder.
+with model.safetensors and the real model_type, load too). ``zolm export --format hf`` writes a float folder and
+``--format compressed-tensors`` a pack-quantized one that transformers and vLLM load (zolm.quant.ct).
 """
 
 from __future__ import annotations
