@@ -138,3 +138,25 @@ def test_compressed_tensors_folders_load_in_plain_transformers_and_back_in_zolm(
         assert torch.equal(m.qweight, theirs[name].qweight) and torch.equal(m.scale, theirs[name].scale), name
         if isinstance(m, QuantLinear) and m.sparsity_mask is not None:
             assert torch.equal(m.sparsity_mask, theirs[name].sparsity_mask)
+
+
+def test_zolm_reads_foreign_compressed_tensors_checkpoints(tiny_llama_dir, tmp_path):
+    """A pack-quantized folder without zolm's own keys (as llm-compressor writes it) loads for training."""
+    pytest.importorskip("compressed_tensors")
+    from zolm.quant.ct import save_ct
+
+    model, tok = models.load(tiny_llama_dir)
+    quantize_(model, QuantConfig(weight=QuantFormat("int", 4, group_size=32), embed_bits=None))
+    save_ct(model, tok, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    del cfg["zolm_quantization"]
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    back = models.load(str(tmp_path / "ct"))[0]
+    assert back.config.zolm_quantization["weight"]["group_size"] == 32
+    assert torch.equal(_logits(back), _logits(model))
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    from zolm.errors import ZolmError
+
+    with pytest.raises(ZolmError, match="symmetric INT4/INT8"):
+        models.load(str(tmp_path / "ct"))

@@ -1,6 +1,8 @@
 """Q4_0 / Q8_0 GGUF exports copy zolm's codes and scales: read back with gguf's own reader and dequantizer,
 every tensor equals zolm's dequantized weight bit for bit."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,21 @@ def test_float_models_quantize_to_q4_0_with_ggufs_quantizer(tiny_llama_dir, tmp_
     assert info["encodings"] == {"quantized": 1 + 7 * model.config.num_hidden_layers, "float": 1 + 2 * 2}
     _, tensors = _read(tmp_path / "f.gguf")
     assert tensors["blk.0.ffn_up.weight"][0] == "Q4_0"
+
+
+def test_cli_refuses_an_inexact_q8_0_export_in_one_line(capsys, tiny_llama_dir, tmp_path):
+    from zolm.cli import main
+
+    assert main(["quantize", "--model", tiny_llama_dir, "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+    code = main(["export", "--model", str(tmp_path / "q"), "--format", "gguf", "--gguf-type", "q8_0",
+                 "--out", str(tmp_path / "q.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("zolm: error: ") and len(err.splitlines()) == 1 and "--requantize" in err
+    assert main(["export", "--model", str(tmp_path / "q"), "--format", "gguf", "--gguf-type", "q8_0",
+                 "--requantize", "--out", str(tmp_path / "q.gguf")]) == 0
+    assert main(["quantize", "--model", tiny_llama_dir, "--bits", "8", "--fp16-scales", "on",
+                 "--out", str(tmp_path / "q16")]) == 0
+    assert main(["export", "--model", str(tmp_path / "q16"), "--format", "gguf", "--gguf-type", "q8_0",
+                 "--out", str(tmp_path / "q16.gguf")]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["encodings"]["exact"] == 1 + 7 * 2 and "requantized" not in info["encodings"]
