@@ -92,7 +92,7 @@ def weight_bytes(model_name: str) -> dict:
         nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         with tempfile.TemporaryDirectory() as d:
             models.save(model, tok, Path(d) / "m")
-            disk = (Path(d) / "m" / "model.safetensors").stat().st_size
+            disk = sum(f.stat().st_size for f in (Path(d) / "m").glob("*.safetensors"))
         out[name] = {"tensor_mib": round(nbytes / 2**20, 1), "disk_mib": round(disk / 2**20, 1)}
     for k in ("int8", "int4-g32"):
         out[k]["ratio_to_fp32"] = round(out[k]["tensor_mib"] / out["fp32"]["tensor_mib"], 3)

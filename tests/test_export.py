@@ -74,3 +74,13 @@ def test_smollm2_gguf_round_trip_keeps_its_tokenizer(smollm2, tmp_path):
     ids = tok(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert (back(ids).logits - model(ids).logits).abs().max().item() < 0.1
+
+
+@pytest.mark.slow
+def test_smollm2_vocabulary_gets_llama_cpps_pre_tokenizer_name(smollm2_tokenizer):
+    from zolm.gguf_tokenizer import detect_pre, tokenizer_fields
+
+    tok = smollm2_tokenizer
+    assert detect_pre(tok) == "smollm"
+    fields, how = tokenizer_fields(tok, None)
+    assert how == "built" and fields["tokenizer.ggml.pre"][0] == "smollm"

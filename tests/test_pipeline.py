@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from zolm.errors import ZolmError
 from zolm.pipeline import Recipe, run_recipe
+from zolm.quant.serialize import WEIGHTS
 
 
 def _recipe(tmp_path, model_dir, data_dir, steps=4) -> str:
@@ -77,8 +78,8 @@ def test_an_interrupted_recipe_restarts_where_it_stopped(tmp_path, tiny_llama_di
     skipped = [line for line in lines if line.endswith("complete, skipped")]
     assert skipped == ["[0] input: complete, skipped", "[1] prune: complete, skipped",
                        "[2] quantize: complete, skipped"]
-    a = load_file(str(straight / "out" / "3-finetune" / "run" / "model" / "model.safetensors"))
-    b = load_file(str(broken / "out" / "3-finetune" / "run" / "model" / "model.safetensors"))
+    a = load_file(str(straight / "out" / "3-finetune" / "run" / "model" / WEIGHTS))  # a low-bit folder
+    b = load_file(str(broken / "out" / "3-finetune" / "run" / "model" / WEIGHTS))
     as_bits = lambda t: t.view(torch.uint8) if t.dtype.itemsize == 1 else t  # noqa: E731
     assert all(torch.equal(as_bits(a[k]), as_bits(b[k])) for k in a)
 

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "zolm"
 
 # Lower layers never import higher ones (docs/architecture in README). Longest prefix wins.
 LAYERS = {
-    "zolm.errors": 0, "zolm.utils": 0,
+    "zolm.errors": 0, "zolm.utils": 0, "zolm.artefacts": 0, "zolm.gguf_tokenizer": 1,
     "zolm.models": 1, "zolm.data": 1, "zolm.quant": 1, "zolm.blocks": 1, "zolm.compressed": 1,
     "zolm.eval": 2, "zolm.export": 2, "zolm.zo.rng": 2, "zolm.zo.spsa": 2, "zolm.prune": 2, "zolm.adapters": 2,
     "zolm.masks": 2,

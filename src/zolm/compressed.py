@@ -12,8 +12,9 @@ Layout of a compressed directory::
 A tensor is stored this way when that is smaller: ceil(n/8) + nnz * itemsize < n * itemsize, i.e. for float32
 when more than 1/32 of it is zero. At 50% sparsity a float32 linear weight takes 53% of its dense size; the
 embedding (no zeros) stays dense. Loading rebuilds exactly the saved weights (``torch.equal``; a -0.0 comes
-back as +0.0). Plain ``transformers`` cannot read this directory; :func:`load_compressed` (and ``zolm.models.load``
-once it checks :func:`is_compressed`) can.
+back as +0.0). Plain ``transformers`` refuses this directory with a message naming zolm (its config.json has a
+``model_type`` no other tool knows, zolm.artefacts); :func:`load_compressed` (and ``zolm.models.load``) reads it,
+and ``zolm export --format hf`` turns it into an ordinary save_pretrained folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zolm.artefacts import load_config, mark_config
 from zolm.errors import ZolmError
 from zolm.utils.io import atomic_dir
 
@@ -101,6 +103,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> 
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
+        mark_config(tmp, "compressed")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -127,12 +130,12 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None):
         dtype: cast the model to this dtype (default: the dtype the tensors were saved in).
     """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     state = decode(load_file(str(path / WEIGHTS)), manifest)
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     saved = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     try:
         from transformers.initialization import no_init_weights
@@ -148,7 +151,8 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None):
                         f"unexpected {list(unexpected)[:3]})")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = AutoTokenizer.from_pretrained(path, config=config) if (path / "tokenizer_config.json").is_file() \
+        else None
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), tokenizer

@@ -2,11 +2,19 @@
 
 * ``to_dense``: replace zolm's low-bit layers by float ones holding the dequantized weights, so the model saves
   with ``save_pretrained`` and loads in plain transformers (zeros of a pruned model stay exact zeros).
-* ``export_gguf``: write a GGUF file (gguf package) with llama.cpp's "llama" architecture: llama.cpp tensor names,
-  its Q/K row permutation for rotary embeddings, the hyper-parameters, and the tokenizer. Tensors are F32, F16 or
-  Q8_0 (blocks of 32 with one fp16 scale; re-encoded from zolm's codes, so approximate); norms stay F32.
-  Tokenizer metadata is copied verbatim from a reference GGUF whose vocabulary matches (by default the built-in
-  SmolLM2 file), else built from the tokenizer's BPE vocabulary and merges.
+* ``export_gguf``: write a GGUF file (gguf package, GGUF v3) with llama.cpp's "llama" architecture: llama.cpp
+  tensor names, its Q/K row permutation for rotary embeddings, the hyper-parameters and metadata keys that
+  llama.cpp's ``convert_hf_to_gguf.py`` writes (``general.file_type``, ``general.quantization_version``,
+  ``llama.attention.key_length`` / ``value_length``, ...), and the tokenizer (zolm.gguf_tokenizer). Tensors are
+  F32, F16, Q8_0 or Q4_0; norms and biases stay F32.
+
+  Q4_0 / Q8_0 of zolm's INT layers copy the codes and scales into ggml blocks (zolm.quant.ggml): exact, bit for
+  bit, when the scales are float16 values (``QuantFormat.fp16_scales``, the default for groups of 32) and the
+  groups are multiples of 32 columns. INT4 layers go to Q4_0 (q4_0) or Q8_0 (q8_0); INT8 layers, including the
+  embedding, to Q8_0 in both. A low-bit layer that cannot be copied exactly (float32 scales, e.g. per-channel
+  INT8 quantized without ``--fp16-scales on``; FP8; groups of 16) is refused with a one-line error unless
+  ``requantize=True``, which rounds its dequantized weights again with gguf's quantizer. Float tensors are
+  quantized by gguf's reference quantizer (their first rounding).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from torch import nn
 from zolm.errors import ZolmError, unknown
 
 log = logging.getLogger(__name__)
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama.cpp LlamaFileType (general.file_type)
 LLAMA_LIKE = ("llama", "mistral")
 _BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -78,37 +87,6 @@ def gguf_name(hf_name: str) -> str | None:
     return None
 
 
-def _tokenizer_fields(tokenizer, reference: Path | None) -> tuple[dict, str]:
-    """GGUF tokenizer key/values: from a reference GGUF with the same vocabulary, else from the BPE files."""
-    from gguf import GGUFReader
-
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    if reference is not None and reference.is_file():
-        r = GGUFReader(str(reference))
-        if "tokenizer.ggml.tokens" in r.fields and r.fields["tokenizer.ggml.tokens"].contents() == tokens:
-            return {k: (f.contents(), f.types) for k, f in r.fields.items() if k.startswith("tokenizer.")}, "copied"
-    import json
-
-    from gguf import GGUFValueType as T
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ZolmError("GGUF export needs a BPE tokenizer (or a reference GGUF with the same vocabulary)")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    special = set(tokenizer.all_special_ids)
-    fields = {"tokenizer.ggml.model": ("gpt2", [T.STRING]), "tokenizer.ggml.pre": ("default", [T.STRING]),
-              "tokenizer.ggml.tokens": (tokens, [T.ARRAY, T.STRING]),
-              "tokenizer.ggml.token_type": ([3 if i in special else 1 for i in range(len(tokens))],
-                                            [T.ARRAY, T.INT32]),
-              "tokenizer.ggml.merges": (merges, [T.ARRAY, T.STRING])}
-    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                     ("padding", tokenizer.pad_token_id), ("unknown", tokenizer.unk_token_id)):
-        if tid is not None:
-            fields[f"tokenizer.ggml.{key}_token_id"] = (int(tid), [T.UINT32])
-    return fields, "built"
-
-
 def _default_reference() -> Path | None:
     try:
         from zolm.models import builtin_gguf_path
@@ -118,62 +96,120 @@ def _default_reference() -> Path | None:
         return None
 
 
-def export_gguf(model, tokenizer, path: str | os.PathLike, tensor_type: str = "f32",
-                reference: str | os.PathLike | None = None) -> dict:
-    """Write ``model`` (Llama family; low-bit layers are dequantized first) as a GGUF file, atomically."""
+def _sources(model) -> list[tuple[str, object]]:
+    """(Hugging Face parameter name, float tensor or zolm low-bit module) of every weight, embedding first."""
+    from zolm.quant.linear import QuantEmbedding, QuantLinear
+
+    out: list[tuple[str, object]] = []
+    emb = model.get_input_embeddings()
+    if isinstance(emb, QuantEmbedding):
+        out.append(("model.embed_tokens.weight", emb))
+    out += [(f"{n}.weight", m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    out += [(n, p) for n, p in model.named_parameters()]
+    return out
+
+
+def _encode(src, tensor_type: str, name: str, requantize: bool, order: np.ndarray | None):
+    """(array, raw ggml type or None, how) of one 2-D weight: exact copy, float conversion or quantization."""
     import gguf
+
+    from zolm.quant.ggml import check_scales, encode_blocks, fits, permute_rows
+
+    qtypes = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    if isinstance(src, torch.Tensor) or tensor_type in ("f32", "f16"):
+        arr = _as_array(src)
+        if order is not None:
+            arr = arr[order]
+        if tensor_type == "f32":
+            return arr.astype(np.float32), None, "float"
+        if tensor_type == "f16":
+            return arr.astype(np.float16), None, "float"
+        return gguf.quants.quantize(arr, qtypes[tensor_type]), qtypes[tensor_type], "quantized"
+    fmt = src.fmt
+    target = "q4_0" if tensor_type == "q4_0" and fmt.kind == "int" and fmt.bits == 4 else "q8_0"
+    codes, scale = src.qweight, src.scale
+    if order is not None:
+        codes, scale = permute_rows(codes, scale, order)
+    cols = codes.shape[1] * (2 if fmt.kind == "int" and fmt.bits == 4 else 1)
+    why = fits(fmt, cols, target) or check_scales(scale)
+    if why is None:
+        return encode_blocks(codes, scale, fmt, target), qtypes[target], "exact"
+    if not requantize:
+        raise ZolmError(f"{name} ({fmt.name}) cannot be copied into {target.upper()} exactly: {why}; quantize with "
+                        f"fp16 scales in groups of 32 (zolm quantize --group-size 32 --fp16-scales on) or export "
+                        f"with --requantize (a second rounding)")
+    arr = _as_array(src)
+    arr = arr[order] if order is not None else arr
+    return gguf.quants.quantize(arr, qtypes[target]), qtypes[target], "requantized"
+
+
+def export_gguf(model, tokenizer, path: str | os.PathLike, tensor_type: str = "f32",
+                reference: str | os.PathLike | None = None, requantize: bool = False,
+                pre: str | None = None) -> dict:
+    """Write ``model`` (Llama family) as a GGUF file, atomically (see the module docstring for the types).
+
+    Args:
+        tensor_type: f32, f16, q8_0 or q4_0 (the file type; 1-D tensors stay F32).
+        reference: a GGUF whose tokenizer metadata is copied when its vocabulary matches (default: built-in).
+        requantize: round low-bit layers that do not map exactly again instead of refusing them.
+        pre: ``tokenizer.ggml.pre`` to write (default: recognised from the tokenizer, zolm.gguf_tokenizer).
+
+    Returns the path, tensor count, byte size and how many tensors were copied exactly / converted.
+    """
+    import gguf
+
+    from zolm.gguf_tokenizer import tokenizer_fields
+    from zolm.quant.linear import QuantTiedHead
 
     if tensor_type not in GGUF_TYPES:
         raise unknown("GGUF tensor type", tensor_type, GGUF_TYPES)
     cfg = model.config
     if cfg.model_type not in LLAMA_LIKE:
         raise ZolmError(f"GGUF export supports the Llama family ({', '.join(LLAMA_LIKE)}), not {cfg.model_type!r}")
-    if getattr(cfg, "zolm_quantization", None) is not None:
-        import copy
-
-        model = to_dense(copy.deepcopy(model))
     path = Path(path)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[tensor_type]
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     rope = getattr(cfg, "rope_parameters", None) or {}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) or isinstance(model.get_output_embeddings(), QuantTiedHead)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
+    counts: dict[str, int] = {}
     try:
         w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type("model")
         w.add_name(str(getattr(cfg, "name_or_path", "") or "zolm export"))
-        w.add_block_count(cfg.num_hidden_layers)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
         w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_rope_dimension_count(head_dim)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
-        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_rope_dimension_count(head_dim)
-        w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[tensor_type])
-        fields, how = _tokenizer_fields(tokenizer, Path(reference) if reference else _default_reference())
+        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        w.add_file_type(int(FILE_TYPES[tensor_type]))
+        fields, how = tokenizer_fields(tokenizer, Path(reference) if reference else _default_reference(), pre)
         for key, (value, types) in fields.items():
             w.add_key_value(key, value, types[0], types[1] if len(types) > 1 else None)
-        count = 0
-        for name, p in model.state_dict().items():
+        for name, src in _sources(model):
             target = gguf_name(name)
-            if target is None or (name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False)):
+            if target is None or (name == "lm_head.weight" and tied):
                 continue
-            arr = p.detach().float().cpu().numpy()
-            if name.endswith("self_attn.q_proj.weight"):
-                arr = _permute_rotary(arr, n_head)
-            elif name.endswith("self_attn.k_proj.weight"):
-                arr = _permute_rotary(arr, n_kv)
-            if arr.ndim == 1 or tensor_type == "f32":
-                w.add_tensor(target, arr.astype(np.float32))
-            elif tensor_type == "f16":
-                w.add_tensor(target, arr.astype(np.float16))
+            order = None
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+                heads = n_head if "q_proj" in name else n_kv
+                rows = src.shape[0] if isinstance(src, torch.Tensor) else src.out_features
+                order = _permute_rotary(np.arange(rows), heads)
+            if isinstance(src, torch.Tensor) and src.dim() == 1:
+                arr, raw, kind = _as_array(src).astype(np.float32), None, "float"
             else:
-                w.add_tensor(target, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)  # uint8 byte rows
-            count += 1
+                arr, raw, kind = _encode(src, tensor_type, name, requantize, order)
+            w.add_tensor(target, arr, raw_dtype=raw)
+            counts[kind] = counts.get(kind, 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -182,6 +218,13 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, tensor_type: str = "f
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("wrote %s: %d tensors (%s), tokenizer %s", path, count, tensor_type, how)
-    return {"path": str(path), "tensors": count, "tensor_type": tensor_type, "tokenizer": how,
-            "bytes": path.stat().st_size}
+    log.info("wrote %s: %s (%s), tokenizer %s", path, counts, tensor_type, how)
+    return {"path": str(path), "tensors": sum(counts.values()), "tensor_type": tensor_type, "tokenizer": how,
+            "bytes": path.stat().st_size, "encodings": counts}
+
+
+def _as_array(src) -> np.ndarray:
+    """float32 numpy array of a float tensor or of a zolm low-bit module's dequantized weight."""
+    if isinstance(src, torch.Tensor):
+        return src.detach().float().cpu().numpy()
+    return src.weight.detach().cpu().numpy() if not hasattr(src, "dequantize") else src.dequantize().cpu().numpy()

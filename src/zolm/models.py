@@ -97,7 +97,9 @@ def _load_gguf_builtin(name: str, dtype: torch.dtype, use_cache: bool):
     path = builtin_gguf_path(name)
     cached = _builtin_cache(name)
     if use_cache and (cached / "config.json").is_file():
-        return load(str(cached), dtype=dtype, use_cache=False)
+        model, tokenizer = load(str(cached), dtype=dtype, use_cache=False)
+        model.config.name_or_path = name  # what the user named (adapters record it), not the cache path
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model, tokenizer = _finish(model, tokenizer)
@@ -131,7 +133,9 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
     if name_or_path in BUILTIN:
         if device_map is not None:  # de-quantize once, then load the cached copy with the map
             _load_gguf_builtin(name_or_path, torch.float32, True)
-            return load(str(_builtin_cache(name_or_path)), dtype, device_map=device_map)
+            model, tok = load(str(_builtin_cache(name_or_path)), dtype, device_map=device_map)
+            model.config.name_or_path = name_or_path
+            return model, tok
         model, tok = _load_gguf_builtin(name_or_path, dtype, use_cache)
         return (model.to(device) if device is not None else model), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,11 +150,18 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
                             f"built-in models: {', '.join(BUILTIN)}")
     if looks_local:
         from zolm.compressed import is_compressed, load_compressed
+        from zolm.quant.ct import is_ct_dir
         from zolm.quant.serialize import is_quantized_dir, load_quantized
 
+        if is_ct_dir(p):  # compressed-tensors pack-quantized (zolm export --format compressed-tensors)
+            from zolm.quant.ct import load_ct
+            from zolm.quant.placement import cast_float_parts_, place_quantized_
+
+            model = place_quantized_(cast_float_parts_(load_ct(p, None), dtype), device, device_map).eval()
+            return _finish(model, AutoTokenizer.from_pretrained(str(p)))
         if is_quantized_dir(p):  # low-bit codes: float parts in ``dtype``, placed by device / device_map
             model = load_quantized(p, device, dtype=dtype, device_map=device_map)
-            return _finish(model, AutoTokenizer.from_pretrained(str(p)))
+            return _finish(model, AutoTokenizer.from_pretrained(str(p), config=model.config))
         if is_compressed(p):  # a pruned model stored as bitmaps + non-zero values
             model, tokenizer = load_compressed(p, dtype)
             model = place_(model, device, device_map)

@@ -37,7 +37,7 @@ from zolm.utils.sparse import unpack_mask
 
 STAGES = ("prune", "quantize", "finetune", "eval")
 PRUNE_DATA_KEYS = ("calib", "nsamples", "seqlen", "seed")
-QUANT_KEYS = ("bits", "format", "fp8_variant", "group_size", "embed_bits", "act_bits")
+QUANT_KEYS = ("bits", "format", "fp8_variant", "group_size", "embed_bits", "act_bits", "fp16_scales")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from zolm import models
 from zolm.errors import ZolmError
+from zolm.quant.serialize import WEIGHTS
 from zolm.train.config import FinetuneConfig
 from zolm.train.loop import finetune
 from zolm.train.replay import replay
@@ -31,7 +32,7 @@ def test_quantized_methods_train_and_save_low_bit_models(tiny_llama_dir, data_di
     assert results["status"] == "done"
     model, _ = models.load(str(out / "model"))
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
-    saved = load_file(str(out / "model" / "model.safetensors"))
+    saved = load_file(str(out / "model" / WEIGHTS))
     assert saved["model.layers.0.mlp.up_proj.qweight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
     if method != "fo-ste":
         method_, _, step = replay(out / "replay.jsonl")

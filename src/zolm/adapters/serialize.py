@@ -3,7 +3,8 @@
 The JSON names the adapter type (``zolm-tt``), the base model, rank, bottleneck, activation, scaling, the
 placement and, per wrapped module, its side and TT modes; the safetensors file holds only adapter tensors,
 keyed by their parameter names in the adapted model. Loading rebuilds exactly the saved wrappers on a base
-model and copies the tensors in (shapes and names must match).
+model and copies the tensors in (shapes and names must match). peft, which reads the same file names, refuses the
+folder with a message naming zolm: ``peft_type`` is ``ZOLM_TT (...)``, a type peft does not know (KeyError).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ADAPTER_TYPE = "zolm-tt"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+PEFT_TYPE = "ZOLM_TT (a zolm TT adapter, not a peft one: load it with zolm.adapters.load_model_with_adapters)"
 
 
 def _zolm_version() -> str:
@@ -70,8 +72,9 @@ def save_adapters(model: nn.Module, path: str | Path, base_model: str | None = N
         raise ZolmError("the model has no TT adapters to save")
     base = base_model or getattr(getattr(model, "config", None), "name_or_path", None) or ""
     meta = {
-        "adapter_type": ADAPTER_TYPE, "format_version": FORMAT_VERSION, "zolm_version": _zolm_version(),
-        "base_model": str(base), **asdict(config),
+        "adapter_type": ADAPTER_TYPE, "peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION,
+        "zolm_version": _zolm_version(),
+        "base_model": str(base), "base_model_name_or_path": str(base), **asdict(config),
         "targets": {name: {"side": w.side, "hidden_modes": w.tt_adapter.down.in_modes,
                            "bottleneck_modes": w.tt_adapter.down.out_modes} for name, w in layers.items()},
     }

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="task to evaluate (accuracy, or F1 for squad)")
     p.add_argument("--tasks", help="comma-separated tasks, scored zero-shot, with their average accuracy; "
                                    "'zero-shot' = piqa,arc_easy,arc_challenge,winogrande,openbookqa,boolq,rte")
+    p.add_argument("--protocol", choices=("lm-eval", "zolm"), default="lm-eval",
+                   help="--tasks scoring: lm-eval = lm-evaluation-harness's prompts, acc and acc_norm (the zero-shot "
+                        "suite); zolm = the training templates, mean option log-probability")
     p.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: the hub)")
     p.add_argument("--num-test", type=int, default=1000, help="examples per task (a seeded sample)")
     p.add_argument("--data-seed", type=int, default=0)
@@ -72,23 +75,30 @@ def run(args: argparse.Namespace) -> int:
         raise ZolmError("give --task and/or --perplexity, or --tasks")
     from zolm import models
     from zolm.data.tasks import load_splits
+    from zolm.data.zero_shot import LM_EVAL
+    from zolm.eval.zero_shot import evaluate_lm_eval, sample_rows
 
     text = text_path(args.perplexity, args.data_dir) if args.perplexity else None
-    names = ([args.task] if args.task else []) + [t for t in parse_tasks(args.tasks) if t != args.task]
+    listed = parse_tasks(args.tasks)
+    lm_eval = [t for t in listed if args.protocol == "lm-eval" and t in LM_EVAL and t != args.task]
+    names = ([args.task] if args.task else []) + [t for t in listed if t != args.task and t not in lm_eval]
     splits = {name: load_splits(name, args.data_dir, num_train=0, num_dev=0, num_test=args.num_test,
                                 seed=args.data_seed) for name in names}  # data errors before the model loads
+    rows = {name: sample_rows(name, args.data_dir, args.num_test, args.data_seed) for name in lm_eval}
     model, tok = models.load(args.model, args.dtype)
     result: dict = {"model": args.model}
-    if splits:
+    if splits or rows:
         from zolm.data.encode import encode_all
         from zolm.eval.evaluate import evaluate_items
 
         scores = {name: evaluate_items(model, tok, encode_all(tok, s.test, args.max_length), s.task.kind,
                                        args.batch_size, desc=name) for name, s in splits.items()}
+        scores.update({name: evaluate_lm_eval(model, tok, name, r, args.batch_size, args.max_length)
+                       for name, r in rows.items()})
         if args.task:
             result.update({"task": args.task, **scores[args.task]})
         if args.tasks:
-            chosen = parse_tasks(args.tasks)
+            chosen = listed
             result["tasks"] = {name: scores[name] for name in chosen}
             accs = [scores[name]["accuracy"] for name in chosen if "accuracy" in scores[name]]
             result["average_accuracy"] = sum(accs) / len(accs) if accs else None

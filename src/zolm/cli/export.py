@@ -1,4 +1,4 @@
-"""``zolm export``: write a model as dense Hugging Face safetensors or as a GGUF file."""
+"""``zolm export``: write a model as dense Hugging Face safetensors, compressed-tensors or a GGUF file."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="hf: save_pretrained with float weights (low-bit layers dequantized), loadable "
                                    "by plain transformers. gguf: a llama.cpp-compatible GGUF file (Llama family).")
     p.add_argument("--model", required=True, help="built-in name, local directory (also zolm's low-bit form), hub id")
-    p.add_argument("--format", choices=("hf", "gguf"), required=True)
-    p.add_argument("--gguf-type", default="f16", help="f32, f16 or q8_0")
+    p.add_argument("--format", choices=("hf", "gguf", "compressed-tensors"), required=True,
+                   help="hf: float safetensors; gguf: llama.cpp; compressed-tensors: pack-quantized INT4/INT8 "
+                        "(transformers and vLLM load it; needs pip install compressed-tensors)")
+    p.add_argument("--gguf-type", default="f16",
+                   help="f32, f16, q8_0 or q4_0 (zolm's INT4/INT8 codes with fp16 scales are copied exactly)")
+    p.add_argument("--requantize", action="store_true",
+                   help="round low-bit layers that q8_0/q4_0 cannot hold exactly again instead of refusing them")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="tokenizer.ggml.pre to write (default: recognised as llama.cpp's converter does)")
     p.add_argument("--tokenizer-gguf", default=None,
                    help="copy tokenizer metadata from this GGUF (default: the built-in SmolLM2 file if it matches)")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file")
@@ -29,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         models.save(to_dense(model), tok, args.out)
         print(json.dumps({"format": "hf", "out": args.out}))
+    elif args.format == "compressed-tensors":
+        from zolm.quant.ct import save_ct
+
+        save_ct(model, tok, args.out)
+        print(json.dumps({"format": "compressed-tensors", "out": args.out}))
     else:
-        print(json.dumps(export_gguf(model, tok, args.out, args.gguf_type, args.tokenizer_gguf)))
+        print(json.dumps(export_gguf(model, tok, args.out, args.gguf_type, args.tokenizer_gguf,
+                                     requantize=args.requantize, pre=args.tokenizer_pre)))
     return 0

@@ -18,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="input columns per scale (default: 32 for int4, one scale per output channel otherwise)")
     p.add_argument("--embed-bits", type=int, default=8, help="embedding bits (4 or 8); 0 keeps it float")
+    p.add_argument("--fp16-scales", choices=("auto", "on", "off"), default="auto",
+                   help="round scales to float16 so GGUF Q4_0/Q8_0 exports are exact (auto: on for int groups of 32)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
     p.add_argument("--out", required=True, help="output directory")
 
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(out=args.out, method="quzo", bits=args.bits, format=args.format,
                          fp8_variant=args.fp8_variant, group_size=args.group_size,
-                         embed_bits=args.embed_bits or None, act_bits=args.act_bits)  # validates before loading
+                         embed_bits=args.embed_bits or None, act_bits=args.act_bits,  # validates before loading
+                         fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
     qc = cfg.quant_config()
     from zolm import models
     from zolm.quant.linear import quantize_

@@ -4,6 +4,9 @@ A weight row (one output channel) is split into groups of ``group_size`` consecu
 (``None``: the whole row), each with its own float32 scale ``s``; the stored code ``q`` represents ``s * q``:
     INT b:  q in {-2^(b-1), ..., 2^(b-1) - 1},  s = max|w_group| / (2^(b-1) - 1)   (absmax, symmetric)
     FP8:    q an FP8 value (torch.float8_e4m3fn: max 448; torch.float8_e5m2: max 57344), s = max|w_group| / max
+With ``fp16_scales`` the scale is rounded to the nearest float16 value *before* the codes are computed, so that
+s * q is exactly what a GGUF Q4_0 / Q8_0 block (one fp16 scale per 32 codes, ggml-common.h ``block_q4_0`` /
+``block_q8_0``) stores; it is on by default for INT4 and INT8 with groups of 32 (those layouts' block size).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ class QuantFormat:
     bits: int = 8
     fp8: str = "e4m3"
     group_size: int | None = None
+    fp16_scales: bool | None = None  # None: on for int with group_size 32 (GGUF Q4_0 / Q8_0 blocks), else off
 
     def __post_init__(self) -> None:
+        if self.fp16_scales is None:
+            object.__setattr__(self, "fp16_scales", self.kind == "int" and self.group_size == 32)
         if self.kind not in ("int", "fp8"):
             raise ZolmError(f"unknown number format {self.kind!r}; valid: int, fp8")
         if self.kind == "int" and self.bits not in INT_BITS:
@@ -67,6 +73,7 @@ class QuantConfig:
     Args:
         weight: the format of the linear layers inside the decoder blocks.
         embed_bits: INT bits of the token embedding (shared with a tied LM head), per row; None keeps it float.
+        embed_fp16_scales: round the embedding's row scales to float16 (default: as the linear layers).
         act_bits: fake-quantize the input of every quantized linear layer per tensor (INT, round to nearest);
             None leaves activations in float.
         skip: substrings of module names never quantized (the LM head is never quantized unless tied).
@@ -76,8 +83,11 @@ class QuantConfig:
     embed_bits: int | None = 8
     act_bits: int | None = None
     skip: tuple[str, ...] = ("lm_head",)
+    embed_fp16_scales: bool | None = None  # None: the same as ``weight.fp16_scales``
 
     def __post_init__(self) -> None:
+        if self.embed_fp16_scales is None:
+            object.__setattr__(self, "embed_fp16_scales", bool(self.weight.fp16_scales))
         if self.embed_bits is not None and self.embed_bits not in INT_BITS:
             raise ZolmError(f"unsupported bit width {self.embed_bits} for embeddings; valid: 4, 8")
         if self.act_bits is not None and self.act_bits not in INT_BITS:

@@ -79,18 +79,18 @@ class QuantEmbedding(nn.Module):
     """Token embedding with per-row INT codes; only the looked-up rows are dequantized."""
 
     def __init__(self, num_embeddings: int, dim: int, bits: int, padding_idx: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, fp16_scales: bool = False):
         super().__init__()
-        self.fmt = QuantFormat("int", bits)
+        self.fmt = QuantFormat("int", bits, fp16_scales=fp16_scales)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, dim, padding_idx
         cols = dim // 2 if bits == 4 else dim
         self.register_buffer("qweight", torch.zeros(num_embeddings, cols, dtype=self.fmt.storage_dtype, device=device))
         self.register_buffer("scale", torch.ones(num_embeddings, 1, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, bits: int) -> QuantEmbedding:
+    def from_embedding(cls, emb: nn.Embedding, bits: int, fp16_scales: bool = False) -> QuantEmbedding:
         w = emb.weight.detach()
-        q = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx, w.device)
+        q = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx, w.device, fp16_scales)
         q.scale.copy_(compute_scales(w, q.fmt))
         q.qweight.copy_(quantize(w, q.scale, q.fmt))
         return q
@@ -159,7 +159,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
     for name, lin in targets:
         _set_module(model, name, QuantLinear.from_linear(lin, config.weight, config.act_bits))
     if config.embed_bits is not None:
-        qemb = QuantEmbedding.from_embedding(emb, config.embed_bits)
+        qemb = QuantEmbedding.from_embedding(emb, config.embed_bits, bool(config.embed_fp16_scales))
         model.set_input_embeddings(qemb)
         if tied:
             model.set_output_embeddings(QuantTiedHead(qemb))

@@ -27,9 +27,14 @@ def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def compute_scales(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Absmax scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0."""
+    """Absmax scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0.
+
+    With ``fmt.fp16_scales`` each scale is rounded to float16 (kept in float32): GGUF's block scale type.
+    """
     amax = group_view(w.detach().float(), fmt.group_size).abs().amax(-1)
     scale = amax / fmt.qmax
+    if fmt.fp16_scales:
+        scale = scale.clamp(max=torch.finfo(torch.float16).max).half().float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

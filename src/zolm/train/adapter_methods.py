@@ -24,7 +24,7 @@ from zolm.adapters import ADAPTER_PATTERN, TTAdapterConfig, add_tt_adapters, mer
 from zolm.errors import ZolmError
 from zolm.train import adapter_options
 from zolm.train.config import FinetuneConfig
-from zolm.train.methods import FOMethod, StepBatch, ZOMethod
+from zolm.train.methods import FOMethod, StepBatch, ZOMethod, save_lora_adapter
 from zolm.zo.optimizer import StepRecord
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class MeZOLoRAMethod(ZOMethod):
         models.save(copy.deepcopy(self.model).merge_and_unload(), tokenizer, path)
 
     def save(self, out: Path, tokenizer) -> None:
-        self.model.save_pretrained(out / "adapter")
+        save_lora_adapter(self.model, out / "adapter", self.config.model)
         self.save_model(out / "model", tokenizer)
 
 

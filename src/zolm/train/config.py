@@ -64,6 +64,7 @@ class FinetuneConfig:
     fp8_variant: str = "e4m3"
     group_size: int | None = None  # None: 32 for int4, per output channel otherwise
     embed_bits: int | None = 8  # token embedding (and tied LM head) bits; None keeps them float
+    fp16_scales: bool | None = None  # scales rounded to float16 (GGUF-exact); None: on for int with groups of 32
     act_bits: int | None = None  # fake-quantize layer inputs to this many bits
     perturb_bits: int | None = None  # QuZO perturbation bits (None: 4 for quzo, 0 = unquantized for quant-mezo)
     two_draws: bool = True  # QuZO: independent roundings for the perturbation and the update direction
@@ -148,7 +149,8 @@ class FinetuneConfig:
         group = self.group_size if self.group_size is not None else (32 if self.format == "int" and self.bits == 4
                                                                        else None)
         bits = 8 if self.format == "fp8" else self.bits
-        return QuantConfig(weight=QuantFormat(self.format, bits, self.fp8_variant, group), embed_bits=self.embed_bits,
+        fmt = QuantFormat(self.format, bits, self.fp8_variant, group, self.fp16_scales)
+        return QuantConfig(weight=fmt, embed_bits=self.embed_bits,
                            act_bits=self.act_bits)
 
     def _check_mask_options(self) -> None:

@@ -208,8 +208,16 @@ class FOMethod:
     def save(self, out: Path, tokenizer) -> None:
         """out/model, and out/adapter for LoRA (written first: merging unloads the adapter)."""
         if self.config.method == "fo-lora":
-            self.model.save_pretrained(out / "adapter")
+            save_lora_adapter(self.model, out / "adapter", self.config.model)
         self.save_model(out / "model", tokenizer)
+
+
+def save_lora_adapter(model, path: Path, base_model: str) -> None:
+    """peft's save_pretrained, recording ``base_model`` (the id or path the user gave, e.g. ``smollm2-135m``) as
+    ``base_model_name_or_path`` in adapter_config.json rather than wherever the weights were read from."""
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_model
+    model.save_pretrained(path)
 
 
 METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
