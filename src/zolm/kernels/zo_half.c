@@ -25,6 +25,15 @@ static inline float draw_s(uint32_t j, uint32_t k1, uint32_t k2, int sampler) {
 }
 
 #define KEEP(mask, i) (!(mask) || (((mask)[(i) >> 3] >> ((i) & 7)) & 1u))
+/* The loop over i = 0..n-1 twice: without a mask (keep = 1, so the loop vectorises) and with one. */
+#define DENSE_OR_MASKED(BODY)                                                              \
+    if (!mask) {                                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
+        for (int64_t i = 0; i < n; i++) { const int keep = 1; BODY }                       \
+    } else {                                                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
+        for (int64_t i = 0; i < n; i++) { const int keep = (int)KEEP(mask, i); BODY }      \
+    }
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -90,8 +99,27 @@ static inline uint16_t sr_half(float x, uint32_t r24, int dtype) {
     return ((float)r24 * (1.0f / 16777216.0f) < p_up) ? bhi : blo;
 }
 
+/* Separate loops for dense and masked tensors: the dense one vectorises (the hot path of every fp32 step). */
 void zolm_axpy2_f32(float *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float a1, float a2,
                     int sampler, const uint8_t *mask, int threads) {
+    if (!mask) {
+        if (sampler == 0) {
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t i = 0; i < n; i++) {
+                float s = (float)zo_ih4(zo_hash((uint32_t)(start + i), k1, k2));
+                float t = p[i] + s * a1;
+                p[i] = t + s * a2;
+            }
+        } else {
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t i = 0; i < n; i++) {
+                float s = draw_s((uint32_t)(start + i), k1, k2, 1);
+                float t = p[i] + s * a1;
+                p[i] = t + s * a2;
+            }
+        }
+        return;
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < n; i++) {
         if (!KEEP(mask, i)) continue;
@@ -106,49 +134,45 @@ void zolm_perturb_half(uint16_t *dst, const void *src, int src_is_half, int64_t 
                        uint32_t k2, float a, int sampler, const uint8_t *mask, int dtype, int threads) {
     const uint16_t *sh = (const uint16_t *)src;
     const float *sf = (const float *)src;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; i++) {
+    DENSE_OR_MASKED({
         float x = src_is_half ? half_to_f32(sh[i], dtype) : sf[i];
-        if (KEEP(mask, i)) x = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * a;
+        if (keep) x = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * a;
         dst[i] = f32_to_half(x, dtype);
-    }
+    })
 }
 
 /* mult: decoupled weight decay (1 - lr wd) applied before the step, 1 for none (x * 1 is exact). The build
  * is ISO C99, so x * mult + c s is not contracted into an FMA: two roundings, as in torch. */
 void zolm_master_step(float *m, uint16_t *dst, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float c,
                       float mult, int sampler, const uint8_t *mask, int dtype, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; i++) {
-        if (KEEP(mask, i)) {
+    DENSE_OR_MASKED({
+        if (keep) {
             float x = m[i] * mult;
             m[i] = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * c;
         }
         if (dst) dst[i] = f32_to_half(m[i], dtype);
-    }
+    })
 }
 
 void zolm_sr_step_half(uint16_t *w, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float c, float mult,
                        int sampler, uint32_t r1, uint32_t r2, const uint8_t *mask, int dtype, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; i++) {
-        if (!KEEP(mask, i)) continue;
+    DENSE_OR_MASKED({
+        if (!keep) continue;
         uint32_t j = (uint32_t)(start + i);
         float x = half_to_f32(w[i], dtype) * mult;
         x = x + draw_s(j, k1, k2, sampler) * c;
         w[i] = sr_half(x, zo_hash(j, r1, r2) >> 8, dtype);
-    }
+    })
 }
 
 /* In place on half weights: p = half((float(p) + a1 s) [+ a2 s]) (the torch fallback's expression; inplace mode). */
 void zolm_axpy_half(uint16_t *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float a1, float a2, int two,
                     int sampler, const uint8_t *mask, int dtype, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; i++) {
-        if (!KEEP(mask, i)) continue;
+    DENSE_OR_MASKED({
+        if (!keep) continue;
         float s = draw_s((uint32_t)(start + i), k1, k2, sampler);
         float x = half_to_f32(p[i], dtype) + s * a1;
         if (two) x = x + s * a2;
         p[i] = f32_to_half(x, dtype);
-    }
+    })
 }

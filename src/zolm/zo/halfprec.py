@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from zolm.utils import native
-from zolm.utils.compile import chunk_size, compiled, scalars
-from zolm.zo.rng import M32, SAMPLERS, _hash, check_mask, positions, round_coef, s_of_hash, unpack_mask
+from zolm.utils.compile import compiled, scalars
+from zolm.zo.rng import M32, SAMPLERS, _hash, check_mask, chunks, positions, round_coef, s_of_hash
 
 HALF_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
@@ -103,11 +103,8 @@ def perturb_half_(dst: torch.Tensor, src: torch.Tensor, key: tuple[int, int], co
     else:
         fn = compiled(_perturb_chunk, dst.device)
         k1, k2, ca = scalars(dst.device, key[0] & M32, key[1] & M32, floats=(a,))
-        step = chunk_size(dst.device)
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            keep = None if packed is None else unpack_mask(packed, m, s)
-            dflat[s:s + m] = fn(sflat[s:s + m], scalars(dst.device, s)[0], k1, k2, ca, sid, keep, dst.dtype)
+        for part, keep, s0 in chunks(n, dst.device, packed):
+            dflat[part] = fn(sflat[part], s0, k1, k2, ca, sid, keep, dst.dtype)
     return a * SAMPLERS[sampler][1]
 
 
@@ -127,13 +124,10 @@ def master_step_(master: torch.Tensor, dst: torch.Tensor | None, key: tuple[int,
         return
     fn = compiled(_master_chunk, master.device)
     k1, k2, cc, cm = scalars(master.device, key[0] & M32, key[1] & M32, floats=(c, mult))
-    step = chunk_size(master.device)
-    for s in range(0, n, step):
-        m = min(step, n - s)
-        keep = None if packed is None else unpack_mask(packed, m, s)
-        mflat[s:s + m] = fn(mflat[s:s + m], scalars(master.device, s)[0], k1, k2, cc, cm, sid, keep)
+    for part, keep, s0 in chunks(n, master.device, packed):
+        mflat[part] = fn(mflat[part], s0, k1, k2, cc, cm, sid, keep)
         if dflat is not None:
-            dflat[s:s + m] = mflat[s:s + m].to(dst.dtype)
+            dflat[part] = mflat[part].to(dst.dtype)
 
 
 @torch.no_grad()
@@ -153,8 +147,5 @@ def sr_step_(w: torch.Tensor, key: tuple[int, int], rkey: tuple[int, int], coef:
     fn = compiled(_sr_chunk, w.device)
     k1, k2, r1, r2, cc, cm = scalars(w.device, key[0] & M32, key[1] & M32, rkey[0] & M32, rkey[1] & M32,
                                      floats=(c, mult))
-    step = chunk_size(w.device)
-    for s in range(0, n, step):
-        m = min(step, n - s)
-        keep = None if packed is None else unpack_mask(packed, m, s)
-        flat[s:s + m] = fn(flat[s:s + m], scalars(w.device, s)[0], k1, k2, cc, cm, sid, r1, r2, keep)
+    for part, keep, s0 in chunks(n, w.device, packed):
+        flat[part] = fn(flat[part], s0, k1, k2, cc, cm, sid, r1, r2, keep)

@@ -36,6 +36,7 @@ from zolm.zo.rng import (
     M32,
     _hash,
     backend_for,
+    chunks,
     derive_seed,
     hash_positions,
     positions,
@@ -120,11 +121,8 @@ def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Te
         return
     fn = compiled(_perturb_chunk, w.device)
     k1, k2, r1, r2, ca = scalars(w.device, *key, *rkey, floats=(a,))
-    step = chunk_size(w.device)
-    for s in range(0, flat.numel(), step):
-        m = min(step, flat.numel() - s)
-        keep = None if mask is None else unpack_mask(mask, m, s)
-        flat[s:s + m] = fn(flat[s:s + m], scalars(w.device, s)[0], k1, k2, r1, r2, ca, L, keep)
+    for part, keep, s0 in chunks(flat.numel(), w.device, mask):
+        flat[part] = fn(flat[part], s0, k1, k2, r1, r2, ca, L, keep)
 
 
 def _int_update_chunk(values, scale, start, cols: int, group: int, k1, k2, r1, r2, u1, u2, c, L: int, rtn: bool,
@@ -173,17 +171,14 @@ def update_codes_(module: QuantLinear, key, rkey, ukey, c: float, L: int, rtn: b
     from zolm.quant.primitives import codes_to_float, float_to_codes
 
     values = codes_to_float(q, fmt).view(-1)
-    step = chunk_size(q.device)
     if fmt.kind == "int":
         fn = compiled(_int_update_chunk, q.device)
         keys = scalars(q.device, *key, *rkey, *ukey, floats=(c,))
         scale = module.scale.view(-1)
-        for s in range(0, values.numel(), step):
-            m = min(step, values.numel() - s)
-            keep = None if mask is None else unpack_mask(mask, m, s)
-            values[s:s + m] = fn(values[s:s + m], scale, scalars(q.device, s)[0], cols, group, *keys, L, rtn, keep,
-                                 int(fmt.qmin), int(fmt.qmax))
+        for part, keep, s0 in chunks(values.numel(), q.device, mask):
+            values[part] = fn(values[part], scale, s0, cols, group, *keys, L, rtn, keep, int(fmt.qmin), int(fmt.qmax))
     else:  # FP8: round the real target onto the FP8 grid
+        step = chunk_size(q.device)
         for s in range(0, values.numel(), step):
             m = min(step, values.numel() - s)
             delta = _deltas(module, s, m, key, rkey, c, L)

@@ -129,6 +129,14 @@ def _axpy2_chunk(seg: torch.Tensor, start: torch.Tensor, k1: torch.Tensor, k2: t
     return out.to(seg.dtype)
 
 
+def chunks(n: int, device: torch.device, packed: torch.Tensor | None = None):
+    """(start, slice, keep mask or None, start as a 0-dim tensor) of each chunk of a torch-fallback pass."""
+    step = chunk_size(device)
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        yield slice(s, s + m), (None if packed is None else unpack_mask(packed, m, s)), scalars(device, s)[0]
+
+
 def _lib():
     return native.lib()
 
@@ -214,9 +222,6 @@ def axpy_z_(p: torch.Tensor, key: tuple[int, int], coef: float, sampler: str = "
     else:
         fn = compiled(_axpy2_chunk, p.device)
         k1, k2, ca1, ca2 = scalars(p.device, key[0] & M32, key[1] & M32, floats=(a1, a2))
-        step = chunk_size(p.device)
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            keep = None if packed is None else unpack_mask(packed, m, s)
-            flat[s:s + m] = fn(flat[s:s + m], scalars(p.device, s)[0], k1, k2, ca1, ca2, sid, keep, a2 != 0.0)
+        for part, keep, s0 in chunks(n, p.device, packed):
+            flat[part] = fn(flat[part], s0, k1, k2, ca1, ca2, sid, keep, a2 != 0.0)
     return a1 * std
