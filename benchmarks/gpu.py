@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, environment, peak_mib, reset_peak  # noqa: E402
-from zo_step import make_batch, reference_perturb  # noqa: E402
+from zo_step import make_batch, reference_step  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
@@ -151,14 +151,8 @@ def measure(args: argparse.Namespace, name: str, device: torch.device, half_mode
         zo.step(loss, step, lr)
     zo_peak = mem.peak_mib()
 
-    def reference_step(step: int) -> None:
-        seed = 1000 + step
-        reference_perturb(params, seed, eps)
-        lp = loss()
-        reference_perturb(params, seed, -2 * eps)
-        lm = loss()
-        reference_perturb(params, seed, eps)
-        reference_perturb(params, seed, -lr * (lp - lm) / (2 * eps))
+    def ref_step(step: int) -> None:
+        reference_step(params, loss, 1000 + step, eps, lr)
 
     def timed(fn, *a) -> float:
         mem.sync()
@@ -168,7 +162,7 @@ def measure(args: argparse.Namespace, name: str, device: torch.device, half_mode
         return time.perf_counter() - t
 
     out = {}
-    for mode, step_fn in (("zolm", lambda s: zo.step(loss, s, lr)), ("reference", reference_step)):
+    for mode, step_fn in (("zolm", lambda s: zo.step(loss, s, lr)), ("reference", ref_step)):
         step_fn(10)  # warm-up
         fwd = [timed(loss) for _ in range(2)]
         steps = []

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
@@ -94,16 +92,11 @@ def _run(model_name: str, dtype: str, mode: str, what: str, reps: int) -> dict:
             loss() if opt is None else opt.step(loss, step, 1e-6)
         return {"mode": mode, "peak_mib": peak_mib(),
                 "master_mib": 0.0 if opt is None else opt.store.master_bytes() / 2**20}
+    from zo_step import interleaved
+
     opt.step(loss, 1, 1e-6)
-    fwd, steps = [], []
-    for r in range(reps):
-        t = time.perf_counter()
-        loss()
-        fwd.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        opt.step(loss, 2 + r, 1e-6)
-        steps.append(time.perf_counter() - t)
-    return {"mode": mode, "step_over_2fwd": statistics.median(steps) / (2 * statistics.median(fwd))}
+    f, s = interleaved(loss, lambda step: opt.step(loss, step, 1e-6), reps)
+    return {"mode": mode, "step_over_2fwd": s / (2 * f)}
 
 
 def curves(steps: int = 60, lr: float = 2e-3) -> dict:

@@ -48,6 +48,29 @@ def reference_perturb(params: list[torch.Tensor], seed: int, scale: float) -> No
         p.data = p.data + scale * z
 
 
+def reference_step(params: list[torch.Tensor], loss, seed: int, eps: float, lr: float) -> None:
+    """One MeZO step as MeZO's code takes it: four regenerations of z (+eps, -2 eps, +eps, update)."""
+    reference_perturb(params, seed, eps)
+    lp = loss()
+    reference_perturb(params, seed, -2 * eps)
+    lm = loss()
+    reference_perturb(params, seed, eps)
+    reference_perturb(params, seed, -lr * (lp - lm) / (2 * eps))
+
+
+def interleaved(loss, step_fn, reps: int, first: int = 2) -> tuple[float, float]:
+    """(median forward, median step) over ``reps`` forward / step pairs (steps ``first`` .. first+reps-1)."""
+    fwd, steps = [], []
+    for r in range(reps):
+        t = time.perf_counter()
+        loss()
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        step_fn(first + r)
+        steps.append(time.perf_counter() - t)
+    return statistics.median(fwd), statistics.median(steps)
+
+
 def worker(mode: str, model_name: str, batch: int, seq: int, reps: int) -> dict:
     from zolm import models
     from zolm.eval.scoring import task_loss
@@ -89,28 +112,13 @@ def worker(mode: str, model_name: str, batch: int, seq: int, reps: int) -> dict:
     def zolm_step(step: int) -> None:
         zo.step(loss, step, lr)
 
-    def reference_step(step: int) -> None:
-        seed = 1000 + step
-        reference_perturb(params, seed, eps)
-        lp = loss()
-        reference_perturb(params, seed, -2 * eps)
-        lm = loss()
-        reference_perturb(params, seed, eps)
-        g = (lp - lm) / (2 * eps)
-        reference_perturb(params, seed, -lr * g)
+    def ref_step(step: int) -> None:
+        reference_step(params, loss, 1000 + step, eps, lr)
 
-    step_fn = {"zolm": zolm_step, "reference": reference_step}[mode]
+    step_fn = {"zolm": zolm_step, "reference": ref_step}[mode]
     loss()
     step_fn(1)  # warm-up (page faults, kernel build/load)
-    fwd, steps = [], []
-    for r in range(reps):
-        t = time.perf_counter()
-        loss()
-        fwd.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        step_fn(2 + r)
-        steps.append(time.perf_counter() - t)
-    f, s = statistics.median(fwd), statistics.median(steps)
+    f, s = interleaved(loss, step_fn, reps)
     return {"mode": mode, "fwd_s": f, "step_s": s, "step_over_2fwd": s / (2 * f)}
 
 
