@@ -34,15 +34,19 @@ static inline float draw_s(uint32_t j, uint32_t k1, uint32_t k2, int sampler) {
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
         for (int64_t i = 0; i < n; i++) { const int keep = (int)KEEP(mask, i); BODY }      \
     }
+/* ... and once per dtype, so that the conversions are constants inside each loop (dt: 0 bf16, 1 fp16). */
+#define BY_DTYPE(BODY)                                                                     \
+    if (dtype == 0) { const int dt = 0; DENSE_OR_MASKED(BODY) }                            \
+    else { const int dt = 1; DENSE_OR_MASKED(BODY) }
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* float32 -> bfloat16 bits, round to nearest even (c10::round_to_nearest_even). */
-static inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f) {  /* branch-free, so loops over it vectorise */
     uint32_t u = f2u(f);
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((f != f) ? 0x7FC0u : r);
 }
 
 /* float32 -> float16 bits, round to nearest even, subnormals and overflow to inf handled. */
@@ -134,24 +138,41 @@ void zolm_perturb_half(uint16_t *dst, const void *src, int src_is_half, int64_t 
                        uint32_t k2, float a, int sampler, const uint8_t *mask, int dtype, int threads) {
     const uint16_t *sh = (const uint16_t *)src;
     const float *sf = (const float *)src;
-    DENSE_OR_MASKED({
-        float x = src_is_half ? half_to_f32(sh[i], dtype) : sf[i];
-        if (keep) x = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * a;
-        dst[i] = f32_to_half(x, dtype);
-    })
+    if (src_is_half) {
+        BY_DTYPE({
+            float x = half_to_f32(sh[i], dt);
+            if (keep) x = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * a;
+            dst[i] = f32_to_half(x, dt);
+        })
+    } else {
+        BY_DTYPE({
+            float x = sf[i];
+            if (keep) x = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * a;
+            dst[i] = f32_to_half(x, dt);
+        })
+    }
 }
 
 /* mult: decoupled weight decay (1 - lr wd) applied before the step, 1 for none (x * 1 is exact). The build
  * is ISO C99, so x * mult + c s is not contracted into an FMA: two roundings, as in torch. */
 void zolm_master_step(float *m, uint16_t *dst, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float c,
                       float mult, int sampler, const uint8_t *mask, int dtype, int threads) {
-    DENSE_OR_MASKED({
-        if (keep) {
-            float x = m[i] * mult;
-            m[i] = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * c;
-        }
-        if (dst) dst[i] = f32_to_half(m[i], dtype);
-    })
+    if (dst) {
+        BY_DTYPE({
+            if (keep) {
+                float x = m[i] * mult;
+                m[i] = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * c;
+            }
+            dst[i] = f32_to_half(m[i], dt);
+        })
+    } else {
+        DENSE_OR_MASKED({
+            if (keep) {
+                float x = m[i] * mult;
+                m[i] = x + draw_s((uint32_t)(start + i), k1, k2, sampler) * c;
+            }
+        })
+    }
 }
 
 void zolm_sr_step_half(uint16_t *w, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float c, float mult,
@@ -168,11 +189,11 @@ void zolm_sr_step_half(uint16_t *w, int64_t n, int64_t start, uint32_t k1, uint3
 /* In place on half weights: p = half((float(p) + a1 s) [+ a2 s]) (the torch fallback's expression; inplace mode). */
 void zolm_axpy_half(uint16_t *p, int64_t n, int64_t start, uint32_t k1, uint32_t k2, float a1, float a2, int two,
                     int sampler, const uint8_t *mask, int dtype, int threads) {
-    DENSE_OR_MASKED({
+    BY_DTYPE({
         if (!keep) continue;
         float s = draw_s((uint32_t)(start + i), k1, k2, sampler);
-        float x = half_to_f32(p[i], dtype) + s * a1;
+        float x = half_to_f32(p[i], dt) + s * a1;
         if (two) x = x + s * a2;
-        p[i] = f32_to_half(x, dtype);
+        p[i] = f32_to_half(x, dt);
     })
 }
