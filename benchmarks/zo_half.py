@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from _common import environment, peak_mib, reset_peak, run_worker  # noqa: E402
+from zo_step import interleaved, make_batch  # noqa: E402
 
 MODES = ("exact", "lean", "inplace")
 BLOCK = r"^model\.layers\.0\."
@@ -63,14 +64,6 @@ def _err(model_name: str, dtype: str, mode: str, steps: int) -> dict:
     return out
 
 
-def _batch(model, batch: int = 8, seq: int = 64) -> dict:
-    from zolm.data.encode import collate
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, model.config.vocab_size, (batch, seq), generator=g).tolist()
-    return collate(ids, [1] * batch, pad_id=0)
-
-
 def _run(model_name: str, dtype: str, mode: str, what: str, reps: int) -> dict:
     from zolm import models
     from zolm.eval.scoring import task_loss
@@ -78,7 +71,7 @@ def _run(model_name: str, dtype: str, mode: str, what: str, reps: int) -> dict:
     from zolm.zo.spsa import ParamSet
 
     model, _ = models.load(model_name, dtype)
-    b = _batch(model)
+    b = make_batch(model, 8, 64)
 
     def loss() -> float:
         with torch.inference_mode():
@@ -92,8 +85,6 @@ def _run(model_name: str, dtype: str, mode: str, what: str, reps: int) -> dict:
             loss() if opt is None else opt.step(loss, step, 1e-6)
         return {"mode": mode, "peak_mib": peak_mib(),
                 "master_mib": 0.0 if opt is None else opt.store.master_bytes() / 2**20}
-    from zo_step import interleaved
-
     opt.step(loss, 1, 1e-6)
     f, s = interleaved(loss, lambda step: opt.step(loss, step, 1e-6), reps)
     return {"mode": mode, "step_over_2fwd": s / (2 * f)}
@@ -115,7 +106,7 @@ def curves(steps: int = 60, lr: float = 2e-3) -> dict:
     for dtype, mode in (("float32", "exact"), ("bfloat16", "exact"), ("bfloat16", "lean"), ("bfloat16", "inplace")):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
-        b = _batch(model, 16, 12)
+        b = make_batch(model, 16, 12)
 
         def loss(model=model, b=b) -> float:
             with torch.inference_mode():

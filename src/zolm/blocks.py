@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from zolm.errors import ZolmError
-from zolm.utils.devices import module_device, to_device
+from zolm.utils.devices import map_tensors, module_device, to_device
 
 
 def _conv1d_class() -> type | None:
@@ -132,15 +132,8 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj
+    """``obj`` with every floating-point tensor in it cast to ``dtype``."""
+    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 
 from zolm.errors import ZolmError, unknown
 from zolm.train import adapter_options
-from zolm.zo.precision import HALF_MODES
+from zolm.zo.precision import check_half_mode
 
 MASK_METHODS = ("mazo", "mezo-random-mask", "mezo-magnitude-mask")  # masked ZO (docs/mazo.md)
 METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste", "adazeta", "mezo-lora",
@@ -110,8 +110,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise unknown("method", self.method, METHODS)
-        if self.half_mode not in HALF_MODES:
-            raise unknown("half_mode", self.half_mode, HALF_MODES)
+        check_half_mode(self.half_mode)
         if self.lr_schedule not in SCHEDULES:
             raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
         if self.lr is None:

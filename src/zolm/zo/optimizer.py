@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from zolm.errors import ZolmError
-from zolm.zo.precision import HALF_MODES, WeightStore
+from zolm.zo.precision import WeightStore, check_half_mode
 from zolm.zo.rng import SAMPLERS, derive_seed
 from zolm.zo.spsa import ParamSet
 
@@ -53,8 +53,7 @@ class ZOConfig:
             raise ZolmError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.sampler not in SAMPLERS:
             raise ZolmError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if self.half_mode not in HALF_MODES:
-            raise ZolmError(f"unknown half_mode {self.half_mode!r}; valid: {', '.join(HALF_MODES)}")
+        check_half_mode(self.half_mode)
 
 
 @dataclass

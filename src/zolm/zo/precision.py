@@ -76,7 +76,7 @@ class WeightStore:
         self._hooks: list = []
         self._seen: set[int] = set()
         self._checked = False
-        self._warned = False
+        self._warned = False  # the in-place rounding check ran
         if "lean" in self.kinds:
             self._install_hooks()
 
@@ -87,11 +87,6 @@ class WeightStore:
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensors a checkpoint must hold besides the weights: the float32 masters (exact mode)."""
         return {self.params.names[i] + MASTER_SUFFIX: m for i, m in self.masters.items()}
-
-    def resync_(self) -> None:
-        """After masters were loaded (resume): write half(master) into the weights."""
-        for i, m in self.masters.items():
-            self.params.params[i].data.copy_(m)
 
     # ------------------------------------------------------------------ lean mode's virtual perturbation
     def _install_hooks(self) -> None:
@@ -214,11 +209,13 @@ class WeightStore:
                         "model, use half_mode exact")
 
     def _warn_inplace(self, p: torch.Tensor, coefs: list[float]) -> None:
+        """At the first update of a half tensor kept in place: warn if most of its updates round away.
+        Sampled once, not every step (the sample costs a draw and a nextafter over 64K coordinates)."""
         if self._warned or p.dtype not in HALF_DTYPES or not coefs:
             return
+        self._warned = True
         share = rounds_away(p, max(abs(c) for c in coefs), self.sampler)
         if share > 0.5:
-            self._warned = True
             log.warning("zolm: %.0f%% of this step's %s updates are below half an ulp and round away in half_mode "
                         "inplace; use half_mode exact (float32 masters) or lean (stochastic rounding)",
                         100 * share, str(p.dtype).replace("torch.", ""))
