@@ -26,25 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def reference_weights(model) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> the float32 weight zolm computes with (Q/K rows permuted as llama.cpp stores them)."""
-    from zolm.export import _as_array, _permute_rotary, _sources, gguf_name
-
-    cfg = model.config
-    out = {}
-    for name, src in _sources(model):
-        target = gguf_name(name)
-        if target is None or target in out or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        arr = _as_array(src)
-        if name.endswith("q_proj.weight"):
-            arr = _permute_rotary(arr, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = _permute_rotary(arr, cfg.num_key_value_heads)
-        out[target] = arr
-    return out
-
-
 def compare(path: Path, expected: dict[str, np.ndarray]) -> dict:
     """Read ``path`` with gguf and count tensors equal (bit for bit) to ``expected``; the largest difference."""
     from gguf import GGUFReader
@@ -79,7 +60,7 @@ def compressed_tensors_row(model, tok, out: Path) -> dict:
 
 def main() -> None:
     from zolm import models
-    from zolm.export import export_gguf
+    from zolm.export import export_gguf, gguf_weights
     from zolm.quant import QuantConfig, QuantFormat, quantize_
 
     model, tok = models.load("smollm2-135m")
@@ -92,7 +73,7 @@ def main() -> None:
             t0 = time.perf_counter()
             info = export_gguf(m, tok, Path(tmp) / f"{label}.{gtype}.gguf", gtype)
             seconds = time.perf_counter() - t0
-            check = compare(Path(info["path"]), reference_weights(m))
+            check = compare(Path(info["path"]), gguf_weights(m))
             rows[f"{label}->{gtype}"] = {"bytes": info["bytes"], "MB": round(info["bytes"] / 1e6, 1),
                                          "MiB": round(info["bytes"] / 2**20, 1), "seconds": round(seconds, 1),
                                          "encodings": info["encodings"], **check}

@@ -9,28 +9,12 @@ import torch
 
 from zolm import models
 from zolm.errors import ZolmError
-from zolm.export import _as_array, _permute_rotary, _sources, export_gguf, gguf_name
+from zolm.export import export_gguf, gguf_weights
 from zolm.quant import QuantConfig, QuantFormat, quantize_
 from zolm.quant.ggml import encode_blocks
 from zolm.quant.primitives import compute_scales, pack_int4
 
 X = torch.tensor([[1, 5, 9, 13, 20, 31, 7]])
-
-
-def _expected(model) -> dict[str, np.ndarray]:
-    cfg = model.config
-    out = {}
-    for name, src in _sources(model):
-        target = gguf_name(name)
-        if target is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        arr = _as_array(src)
-        if name.endswith("q_proj.weight"):
-            arr = _permute_rotary(arr, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = _permute_rotary(arr, cfg.num_key_value_heads)
-        out[target] = arr
-    return out
 
 
 def _read(path):
@@ -58,7 +42,7 @@ def test_int_layers_copy_into_ggml_blocks_bit_for_bit(tiny_llama_dir, tmp_path, 
     info = export_gguf(model, tok, tmp_path / "m.gguf", gtype)
     assert info["encodings"] == {"exact": 1 + 7 * model.config.num_hidden_layers, "float": 1 + 2 * 2}
     r, tensors = _read(tmp_path / "m.gguf")
-    expected = _expected(model)
+    expected = gguf_weights(model)
     assert set(tensors) == set(expected)
     for name, (ttype, got) in tensors.items():
         assert np.array_equal(got.reshape(expected[name].shape), expected[name]), name

@@ -223,6 +223,25 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, tensor_type: str = "f
             "bytes": path.stat().st_size, "encodings": counts}
 
 
+def gguf_weights(model) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> the float32 weight zolm computes with, Q/K rows permuted as llama.cpp stores them:
+    what each tensor of an exact export must dequantize to (tests and benchmarks/gguf_export.py check it)."""
+    cfg = model.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    out: dict[str, np.ndarray] = {}
+    for name, src in _sources(model):
+        target = gguf_name(name)
+        if target is None or target in out or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        arr = _as_array(src)
+        if name.endswith("q_proj.weight"):
+            arr = _permute_rotary(arr, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            arr = _permute_rotary(arr, n_kv)
+        out[target] = arr
+    return out
+
+
 def _as_array(src) -> np.ndarray:
     """float32 numpy array of a float tensor or of a zolm low-bit module's dequantized weight."""
     if isinstance(src, torch.Tensor):
