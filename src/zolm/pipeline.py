@@ -84,10 +84,18 @@ class Recipe:
             if kind == "prune":
                 _prune_config(opts)
             elif kind == "quantize":
-                FinetuneConfig(out="x", method="quzo", **{k: v for k, v in opts.items()}).quant_config()
+                quant_options(opts, f"{path}: stage {kind}").quant_config()
             elif kind == "finetune":
                 FinetuneConfig.from_dict({"out": "x", **opts})
         return recipe
+
+
+def quant_options(opts: dict, where: str):
+    """The quantize stage's options as a low-bit BaseWeights (types and keys checked)."""
+    from zolm.train.parts import BaseWeights
+    from zolm.utils.configs import build
+
+    return build(BaseWeights, {"kind": "low-bit", **opts}, where)
 
 
 def _prune_config(opts: dict):
@@ -174,9 +182,7 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         return str(sdir / "model"), details
     if kind == "quantize":
         from zolm.quant.linear import quantize_
-        from zolm.train.config import FinetuneConfig
-
-        qc = FinetuneConfig(out="x", method="quzo", **opts).quant_config()
+        qc = quant_options(opts, "quantize stage").quant_config()
         model, tok = models.load(src)
         quantize_(model, qc)
         models.save(model, tok, sdir / "model")

@@ -23,6 +23,7 @@ from torch import nn
 
 from zolm.adapters.tt import ACTIVATIONS, TTAdapter, factorize
 from zolm.errors import ZolmError
+from zolm.quant.linear import QuantLinear
 
 ADAPTER_PATTERN = r"\.tt_adapter\."  # a regular expression matching every adapter parameter name
 SIDES = ("input", "output")
@@ -188,9 +189,9 @@ def find_targets(model: nn.Module, placement: list[str],
             continue
         if isinstance(module, TTAdapterLinear):
             raise ZolmError(f"{name} already has a TT adapter")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear | QuantLinear):
             raise ZolmError(f"adapter placement selects {name}, a {type(module).__name__}; TT adapters wrap "
-                            "nn.Linear layers only")
+                            "nn.Linear (or zolm QuantLinear) layers only")
         out.append((name, side))
     if not out:
         raise ZolmError(f"adapter placement {placement} matches no module of {type(model).__name__}")
@@ -221,7 +222,8 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
         base = model.get_submodule(name)
         hidden, bottleneck = shapes[name]
         adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen)
-        _set(model, name, TTAdapterLinear(base, side, adapter.to(device=base.weight.device)))
+        device = next(t.device for t in (*base.parameters(), *base.buffers()) if t is not None)
+        _set(model, name, TTAdapterLinear(base, side, adapter.to(device=device)))
     model.zolm_adapter_config = copy.deepcopy(config)
     model.zolm_adapter_config.placement = list(placement)
     return [n for n, _ in targets]

@@ -29,13 +29,12 @@ def _bytes(model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zolm.train.config import FinetuneConfig
+    from zolm.train.parts import BaseWeights
 
-    cfg = FinetuneConfig(out=args.out, method="quzo", bits=args.bits, format=args.format,
-                         fp8_variant=args.fp8_variant, group_size=args.group_size,
-                         embed_bits=args.embed_bits or None, act_bits=args.act_bits,  # validates before loading
-                         fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
-    qc = cfg.quant_config()
+    base = BaseWeights(kind="low-bit", bits=args.bits, format=args.format,  # validates before loading
+                       fp8_variant=args.fp8_variant, group_size=args.group_size, embed_bits=args.embed_bits or None,
+                       act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
+    qc = base.quant_config()
     from zolm import models
     from zolm.quant.linear import quantize_
 
