@@ -20,6 +20,7 @@ from torch import nn
 from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters
 from zolm.adapters.tt import TTAdapter
 from zolm.errors import ZolmError
+from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir, atomic_write_json
 
 ADAPTER_TYPE = "zolm-tt"
@@ -102,7 +103,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     modules = dict(model.named_modules())
     for name, t in meta["targets"].items():
         base = modules.get(name)
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear | QuantLinear):
             raise ZolmError(f"{path} adapts {name}, which the model lacks (or is not a linear layer): wrong base "
                             f"model? (saved for {meta.get('base_model')!r})")
         size = base.in_features if t["side"] == "input" else base.out_features
@@ -115,7 +116,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         base = model.get_submodule(name)
         adapter = TTAdapter(t["hidden_modes"], t["bottleneck_modes"], config.rank, config.activation,
                             config.scaling, config.bias)
-        _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=base.weight.device)))
+        device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
+        _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=device)))
     model.zolm_adapter_config = config
     saved = load_file(str(Path(path) / WEIGHTS_FILE))
     params = adapter_parameters(model)

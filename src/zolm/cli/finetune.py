@@ -47,7 +47,7 @@ def flag_fields() -> list[tuple[str, str, object, object]]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     table = "\n".join(f"  {r['method']:<20} {r['parts']}" for r in composition_table())
-    p = sub.add_parser("finetune", help="fine-tune a model (ZO or first order; presets or any composition of parts)",
+    p = sub.add_parser("finetune", allow_abbrev=False, help="fine-tune a model (a preset or any composition of parts)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a causal LM on a prompt-based task. A method is base weights x "
                                    "trainable set x estimator x optimiser;\n--method picks a preset and any part flag "

@@ -89,8 +89,7 @@ def merged_lora_model(model):
             module.base_layer = dense
     merged = merge_masked_lora(model)
     if getattr(merged.config, "zolm_quantization", None):
-        to_dense(merged)
-        del merged.config.zolm_quantization
+        to_dense(merged)  # the rest of the low-bit model (other layers, embedding) as float
     return merged
 
 

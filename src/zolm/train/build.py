@@ -12,11 +12,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zolm.train.adapter_sets import lora_set, tt_set
 from zolm.train.base_weights import prepare_base_
 from zolm.train.config import FinetuneConfig
+from zolm.train.mask_set import mask_set
 from zolm.train.methods import FOMethod, ZOMethod
-from zolm.train.trainables import select
+from zolm.train.trainables import Trainables, all_set
 from zolm.zo.adazeta import QuerySchedule
+
+TRAINABLE_SETS = {"all": lambda model, config, run_dir: all_set(model, config),  # the train part's kinds
+                  "lora": lambda model, config, run_dir: lora_set(model, config),
+                  "tt": lambda model, config, run_dir: tt_set(model, config),
+                  "mask": mask_set}
+
+
+def select(model, config: FinetuneConfig, run_dir: Path | None = None) -> Trainables:
+    """The trainable set ``config.train`` over ``model`` (whose base part is prepared)."""
+    return TRAINABLE_SETS[config.train.kind](model, config, run_dir)
 
 
 def query_schedule(config: FinetuneConfig) -> QuerySchedule:

@@ -142,7 +142,7 @@ class FinetuneConfig:
         for key, value in data.items():
             if key in run_fields:
                 run[key] = value
-            elif key in PARTS:
+            elif key in PARTS and not (key in flat and isinstance(value, str)):  # --base low-bit is the kind
                 if value is not None and not isinstance(value, dict):
                     raise ZolmError(f"{where}: {key} must be a mapping of part options, got {value!r}")
                 nested[key] = deep_merge(nested.get(key, {}), value or {})
@@ -186,6 +186,18 @@ class FinetuneConfig:
             raise ZolmError(f"{path}: a config file must hold a mapping of keys to values")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, where=str(path))
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` records (e.g. ``optim.lr``)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
 
 
 def build_run(cls, run: dict[str, Any], where: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from zolm.eval.evaluate import evaluate_items
 from zolm.train.batches import Mixture
 from zolm.train.build import build_method
 from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
-from zolm.train.config import FinetuneConfig
+from zolm.train.config import FinetuneConfig, config_diff
 from zolm.train.methods import StepBatch
 from zolm.train.plot import plot_loss
 from zolm.utils import dist
@@ -64,7 +64,7 @@ def _prepare_out(config: FinetuneConfig, overwrite: bool) -> dict | None:
     if ckpt.is_file():
         state = json.loads(ckpt.read_text())
         if state["config"] != config.to_dict():
-            diff = sorted(k for k in config.to_dict() if state["config"].get(k) != config.to_dict()[k])
+            diff = config_diff(state["config"], config.to_dict())
             raise ZolmError(f"{out} holds a run with another config (differs in: {', '.join(diff)}); "
                             "use --overwrite or another --out")
         return state

@@ -16,7 +16,7 @@ methods are named presets of these parts (zolm/train/presets, docs/methods.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from zolm.errors import ZolmError
 from zolm.utils.configs import check_choices, option
@@ -41,11 +41,17 @@ def _patterns(patterns: list[str], what: str) -> None:
             raise ZolmError(f"{what}: invalid regular expression {p!r} ({e})") from None
 
 
-def _at_least(obj, names: tuple[str, ...], low: float, where: str) -> None:
+def _flag(obj, name: str) -> str:
+    """The name a user types for field ``name`` of a part (its CLI flag / flat config key)."""
+    f = next(f for f in fields(obj) if f.name == name)
+    return f.metadata.get("flag") or name
+
+
+def _at_least(obj, names: tuple[str, ...], low: float) -> None:
     for name in names:
         v = getattr(obj, name)
         if v is not None and not (math.isfinite(v) and v >= low):
-            raise ZolmError(f"{where}.{name} must be >= {low:g}, got {v}")
+            raise ZolmError(f"{_flag(obj, name)} must be >= {low:g}, got {v}")
 
 
 @dataclass
@@ -91,7 +97,7 @@ class LoRAOptions:
     targets: list[str] = option(["q_proj", "v_proj"], "LoRA target module names", flag="lora_targets")
 
     def __post_init__(self) -> None:
-        _at_least(self, ("r",), 1, "train.lora")
+        _at_least(self, ("r",), 1)
         if not self.targets:
             raise ZolmError("train.lora.targets must name at least one module")
 
@@ -115,7 +121,7 @@ class TTOptions:
 
     def __post_init__(self) -> None:
         check_choices(self, "train.tt")
-        _at_least(self, ("rank", "bottleneck", "modes"), 1, "train.tt")
+        _at_least(self, ("rank", "bottleneck", "modes"), 1)
         if not math.isfinite(self.scaling):
             raise ZolmError(f"train.tt.scaling must be a finite number, got {self.scaling}")
         if self.hidden_modes and (len(self.hidden_modes) != self.modes or min(self.hidden_modes) < 2):
@@ -154,8 +160,8 @@ class MaskOptions:
         check_choices(self, "train.mask")
         if not (math.isfinite(self.ratio) and 0 < self.ratio <= 1):
             raise ZolmError(f"mask_ratio must be in (0, 1], got {self.ratio}")
-        _at_least(self, ("alpha", "beta", "damping", "row_eps"), 0, "train.mask")
-        _at_least(self, ("calib_examples", "calib_batch_size"), 1, "train.mask")
+        _at_least(self, ("alpha", "beta", "damping", "row_eps"), 0)
+        _at_least(self, ("calib_examples", "calib_batch_size"), 1)
 
 
 @dataclass
@@ -210,7 +216,7 @@ class Estimator:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ZolmError(f"eps must be a positive number, got {self.eps}")
-        _at_least(self, ("queries", "q_max"), 1, "estimator")
+        _at_least(self, ("queries", "q_max"), 1)
         if not 0 <= self.perturb_bits <= 8:
             raise ZolmError(f"perturb_bits must be 0 (no quantization) or 1..8, got {self.perturb_bits}")
         check_choices(self, "estimator")
@@ -235,7 +241,7 @@ class Optimizer:
         check_choices(self, "optim")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ZolmError(f"lr must be a positive number, got {self.lr}")
-        _at_least(self, ("weight_decay", "max_grad_norm"), 0, "optim")
+        _at_least(self, ("weight_decay", "max_grad_norm"), 0)
 
 
 def trains_codes(base: BaseWeights, train: TrainableSet) -> bool:

@@ -1,10 +1,10 @@
 """The ``train`` part at run time: which tensors move, and how the result is written.
 
-:func:`select` turns a model whose base weights are ready (zolm.train.base_weights) into a :class:`Trainables`:
-the model to train and evaluate (a peft wrapper for LoRA, TT-adapted layers, ...), regular expressions naming
-the trained parameters, optional update masks (MaZO and its baselines), and how to save. The estimator part
-(zolm.train.methods) then trains exactly those tensors, keeping a pruned model's zeros wherever
-``base.keep_sparsity`` is set (zolm.train.sparsity).
+:func:`zolm.train.build.select` turns a model whose base weights are ready (zolm.train.base_weights) into
+a :class:`Trainables`: the model to train and evaluate (a peft wrapper for LoRA, TT-adapted layers, ...),
+regular expressions naming the trained parameters, optional update masks (MaZO and its baselines), and how to
+save. The estimator part (zolm.train.methods) then trains exactly those tensors, keeping a pruned model's zeros
+wherever ``base.keep_sparsity`` is set (zolm.train.sparsity).
 """
 
 from __future__ import annotations
@@ -47,24 +47,6 @@ class Trainables:
 
 def save_plain(model, path: Path, tokenizer) -> None:
     models.save(model, tokenizer, path)
-
-
-def select(model, config: FinetuneConfig, run_dir: Path | None = None) -> Trainables:
-    """The trainable set ``config.train`` over ``model`` (whose base part is prepared)."""
-    kind = config.train.kind
-    if kind == "lora":
-        from zolm.train.adapter_sets import lora_set
-
-        return lora_set(model, config)
-    if kind == "tt":
-        from zolm.train.adapter_sets import tt_set
-
-        return tt_set(model, config)
-    if kind == "mask":
-        from zolm.train.mask_set import mask_set
-
-        return mask_set(model, config, run_dir)
-    return all_set(model, config)
 
 
 def all_set(model, config: FinetuneConfig) -> Trainables:

@@ -41,7 +41,8 @@ def _describe(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if typing.get_origin(tp) is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__",
@@ -96,14 +97,13 @@ def build(cls: type, data: Mapping[str, Any] | Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def check_choices(obj: Any, where: str) -> None:
+def check_choices(obj: Any, where: str = "") -> None:
     """A one-line error for any field of config ``obj`` whose value is not among its declared choices."""
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         value = getattr(obj, f.name)
         if choices and value is not None and value not in choices:
-            raise unknown(f"{where}.{f.name}" + (f" (--{f.metadata['flag'].replace('_', '-')})"
-                                                 if f.metadata.get("flag") else ""), value, choices)
+            raise unknown(f.metadata.get("flag") or f.name, value, choices)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
