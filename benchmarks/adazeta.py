@@ -201,9 +201,9 @@ def _alignment(model_name: str, method: str, task: str, batch: int, max_q: int) 
     cos = {}
     for q in range(max_q):
         seed = derive_seed(4321, q)
-        mu, _, _ = spsa_projected_grad(loss_fn, params, seed, config.estimator.eps, config.sampler)
+        mu, _, _ = spsa_projected_grad(loss_fn, params, seed, config.estimator.eps, config.estimator.sampler)
         for i, (p, e) in enumerate(zip(params.params, est)):
-            e.add_(draw(p.numel(), tensor_key(seed, i), config.sampler).view_as(p), alpha=mu)
+            e.add_(draw(p.numel(), tensor_key(seed, i), config.estimator.sampler).view_as(p), alpha=mu)
         if (q + 1) & q == 0:  # Q = 1, 2, 4, 8, ...
             dot = sum((e.double() * g.double()).sum() for e, g in zip(est, grads))
             enorm = torch.sqrt(sum((e.double() ** 2).sum() for e in est))
