@@ -20,6 +20,9 @@ REFERENCE = json.loads((Path(__file__).parent / "preset_reference.json").read_te
 REF_LR = {"mezo": 1e-3, "fo-adamw": 1e-3, "fo-sgd": 1e-2, "fo-lora": 1e-3, "quzo": 1e-2, "quant-mezo": 1e-2,
           "fo-ste": 1e-3, "adazeta": 1e-2, "mezo-lora": 1e-2, "fo-tt": 1e-3, "mazo": 1e-2, "mezo-random-mask": 1e-2,
           "mezo-magnitude-mask": 1e-2}
+# defaults deliberately changed after the reference was written (each documented where it is set): the
+# reference runs are reproduced with the old values pinned
+PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"}}
 
 
 def run(model_dir, data_dir, out, method, steps=3, **kw):
@@ -58,7 +61,7 @@ def test_presets_reproduce_the_weights_of_the_flat_config_era(tiny_llama_dir, da
     of ~70 flat fields and a class per method) on the same tiny model, data and seed. Where this machine's
     forward gives the reference's bits (the probe), every weight file must match bit for bit; elsewhere (another
     CPU's kernels) the sums of |weights| must agree to 1e-6."""
-    run(tiny_llama_dir, data_dir, tmp_path / method, method, lr=REF_LR[method])
+    run(tiny_llama_dir, data_dir, tmp_path / method, method, lr=REF_LR[method], **PINNED.get(method, {}))
     got, want = digest(tmp_path / method), REFERENCE[method]
     assert set(want) <= set(got), sorted(set(want) - set(got))
     exact = probe(tiny_llama_dir) == REFERENCE["_probe"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zolm.adapters.tt import ACTIVATIONS, TTAdapter, factorize
+from zolm.adapters.tt import ACTIVATIONS, INITS, TTAdapter, factorize
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 
@@ -49,6 +49,7 @@ class TTAdapterConfig:
         hidden_modes: explicit factorisation of the hidden side (default: :func:`factorize`).
         bottleneck_modes: explicit factorisation of the bottleneck (default: :func:`factorize`).
         seed: seed of the initialisation (same seed, same adapters).
+        init: "zero-up" (the adapter starts as the identity) or "reference" (AdaZeta's code); see TTAdapter.
     """
 
     rank: int = 5
@@ -61,6 +62,7 @@ class TTAdapterConfig:
     hidden_modes: list[int] | None = None
     bottleneck_modes: list[int] | None = None
     seed: int = 0
+    init: str = "zero-up"
 
     def __post_init__(self) -> None:
         for name in ("rank", "bottleneck", "modes"):
@@ -68,6 +70,8 @@ class TTAdapterConfig:
                 raise ZolmError(f"TT adapter {name} must be >= 1, got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
             raise ZolmError(f"unknown adapter activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if self.init not in INITS:
+            raise ZolmError(f"unknown adapter init {self.init!r}; valid: {', '.join(INITS)}")
         if not math.isfinite(self.scaling):
             raise ZolmError(f"adapter scaling must be a finite number, got {self.scaling}")
         for entry in self.placement:
@@ -221,7 +225,8 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
     for name, side in targets:
         base = model.get_submodule(name)
         hidden, bottleneck = shapes[name]
-        adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen)
+        adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen,
+                            config.init)
         device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
         _set(model, name, TTAdapterLinear(base, side, adapter.to(device=device)))
     model.zolm_adapter_config = copy.deepcopy(config)

@@ -113,7 +113,7 @@ def tt_config(config: FinetuneConfig) -> TTAdapterConfig:
     o = config.train.tt
     return TTAdapterConfig(rank=o.rank, bottleneck=o.bottleneck, modes=o.modes, activation=o.activation,
                            scaling=o.scaling, bias=o.bias, placement=list(o.placement),
-                           hidden_modes=list(o.hidden_modes) or None, seed=config.seed)
+                           hidden_modes=list(o.hidden_modes) or None, seed=config.seed, init=o.init)
 
 
 def tt_set(model, config: FinetuneConfig) -> Trainables:

@@ -115,6 +115,9 @@ class TTOptions:
                              flag="tt_activation", choices=("relu", "identity"))
     scaling: float = option(1.0, "adapter scaling s in x + s * TT_up(act(TT_down(x)))", flag="tt_scaling")
     bias: bool = option(True, "TT layers with a bias", flag="tt_bias")
+    init: str = option("zero-up", "adapter initialisation: zero-up (TT_up's last core and bias zero: the adapter "
+                       "starts as the identity; zolm default) or reference (AdaZeta's code)", flag="tt_init",
+                       choices=("zero-up", "reference"))
     placement: list[str] = option([], "where adapters go, module_pattern:input|output (default by architecture: "
                                   "Llama gate_proj:input up_proj:input down_proj:output; OPT fc1:input fc2:output)",
                                   flag="tt_placement")
