@@ -67,7 +67,7 @@ def forwards_of(config, n_train: int) -> list[int]:
     from zolm.train.batches import batch_indices
     from zolm.train.build import query_schedule
 
-    sched = query_schedule(config) if config.method == "adazeta" else None
+    sched = query_schedule(config) if config.estimator.schedule == "adaptive" else None
     out, total = [], 0
     for s in range(1, config.steps + 1):
         q = sched(batch_indices(n_train, config.batch_size, config.seed, s)[1]) if sched else 1

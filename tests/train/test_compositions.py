@@ -133,3 +133,16 @@ def test_pruned_zeros_are_kept_by_masks_and_lora(tiny_llama_dir, data_dir, tmp_p
                  mazo_calib_examples=8, mazo_calib_batch_size=4))
     out, _ = models.load(str(tmp_path / "run" / "model"))
     assert torch.all(out.model.layers[0].self_attn.q_proj.weight[:, ::2] == 0)
+
+
+def test_identity_tt_adapters_over_a_pruned_base_are_not_merged(tiny_llama_dir, data_dir, tmp_path):
+    """A merged identity adapter (W A) would fill the pruned zeros: the model is written as an adapter directory."""
+    from zolm.adapters import is_adapter_dir
+
+    model, tok = models.load(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, ::2] = 0.0
+    models.save(model, tok, tmp_path / "pruned")
+    finetune(cfg(str(tmp_path / "pruned"), data_dir, tmp_path / "run", method="adazeta", tt_activation="identity",
+                 q_schedule="fixed", lr=1e-2))
+    assert is_adapter_dir(tmp_path / "run" / "model")

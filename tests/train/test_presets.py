@@ -22,7 +22,8 @@ REF_LR = {"mezo": 1e-3, "fo-adamw": 1e-3, "fo-sgd": 1e-2, "fo-lora": 1e-3, "quzo
           "mezo-magnitude-mask": 1e-2}
 # defaults deliberately changed after the reference was written (each documented where it is set): the
 # reference runs are reproduced with the old values pinned
-PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"}}
+PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"},  # identity-start TT adapters
+          **{m: {"clip": "none"} for m in ("quzo", "quant-mezo", "fo-ste")}}  # INT4 scales clipped by default
 
 
 def run(model_dir, data_dir, out, method, steps=3, **kw):
@@ -178,7 +179,7 @@ def test_config_files_nest_by_part_and_flags_override_them(tmp_path):
     c = FinetuneConfig.from_file(tmp_path / "c.yaml", out="o", lora_r=2)
     assert (c.base.kind, c.base.bits, c.train.kind, c.train.lora.r, c.train.lora.targets) == (
         "low-bit", 8, "lora", 2, ["q_proj"])
-    assert (c.estimator.perturb_bits, c.estimator.eps, c.optim.lr) == (2, 1e-2, 3e-5)  # eps from the preset
+    assert (c.estimator.perturb_bits, c.estimator.eps, c.optim.lr) == (2, 2e-3, 3e-5)  # eps from the preset
     assert FinetuneConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
     assert set(c.to_dict()) >= {"base", "train", "estimator", "optim"}
     # an old flat config (what run_config.json and recipes held before the parts) means the same run
@@ -209,3 +210,22 @@ def test_readme_and_methods_doc_show_every_preset_in_the_composition_table():
         text = (root / doc).read_text()
         missing = [name for name in PRESETS if f"| `{name}` |" not in text]
         assert not missing, f"{doc} lacks composition rows for {missing}"
+
+
+def test_a_kind_flag_does_not_wipe_the_file_s_part(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: mezo\nbase: {kind: low-bit, bits: 8}\nestimator: {perturb_bits: 4}\n")
+    c = FinetuneConfig.from_file(tmp_path / "c.yaml", out="o", base="low-bit", estimator="spsa", eps=2e-3)
+    assert (c.base.kind, c.base.bits, c.estimator.perturb_bits, c.estimator.eps) == ("low-bit", 8, 4, 2e-3)
+
+
+def test_flat_records_written_before_the_parts_read_as_the_same_run():
+    """run_config.json / replay headers of the flat era: None meant the method's default and q_schedule (then
+    "adaptive" for every method) only applied to adazeta."""
+    old = {"out": "o", "method": "mezo", "lr": 1e-6, "eps": 1e-3, "q_schedule": "adaptive", "q_beta": None,
+           "perturb_bits": None, "update_rounding": None, "lora_r": 8, "tt_rank": 5, "mazo_alpha": 1.0,
+           "group_size": None, "keep_sparsity": True}
+    c = FinetuneConfig.from_dict(old)
+    assert (c.estimator.schedule, c.estimator.perturb_bits, c.estimator.update_rounding) == ("fixed", 0, None)
+    assert c.to_dict() == FinetuneConfig.of(out="o", method="mezo").to_dict()
+    ada = FinetuneConfig.from_dict({**old, "method": "adazeta", "lr": 1e-4})
+    assert ada.estimator.schedule == "adaptive"

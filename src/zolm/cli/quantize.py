@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-bits", type=int, default=8, help="embedding bits (4 or 8); 0 keeps it float")
     p.add_argument("--fp16-scales", choices=("auto", "on", "off"), default="auto",
                    help="round scales to float16 so GGUF Q4_0/Q8_0 exports are exact (auto: on for int groups of 32)")
+    p.add_argument("--clip", choices=("auto", "mse", "none"), default="auto",
+                   help="scale search: mse clips each group's range to minimise its error, none is absmax "
+                        "(auto: mse for int4)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
     p.add_argument("--out", required=True, help="output directory")
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     base = BaseWeights(kind="low-bit", bits=args.bits, format=args.format,  # validates before loading
                        fp8_variant=args.fp8_variant, group_size=args.group_size, embed_bits=args.embed_bits or None,
-                       act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
+                       act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales],
+                       clip=None if args.clip == "auto" else args.clip)
     qc = base.quant_config()
     from zolm import models
     from zolm.quant.linear import quantize_

@@ -8,7 +8,7 @@
 Adapters are initialised from generators seeded with the run seed, so rebuilding a run from its config (resume,
 ``zolm replay``) recreates the same start. Saving writes ``out/adapter`` (peft's format for LoRA) and
 ``out/model``: LoRA merged into a plain float transformers model (dequantized when the base is low-bit); TT
-adapters merged when their activation is the identity over a float base, else an adapter directory that
+adapters merged when their activation is the identity over a dense float base, else an adapter directory that
 ``zolm.adapters.load_model_with_adapters`` loads (over a low-bit base it holds that base in ``base/``).
 """
 
@@ -26,7 +26,7 @@ from zolm.adapters import ADAPTER_PATTERN, TTAdapterConfig, add_tt_adapters, mer
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.train.config import FinetuneConfig
-from zolm.train.sparsity import mask_lora_, merge_masked_lora
+from zolm.train.sparsity import mask_lora_, merge_masked_lora, sparsity_masks
 from zolm.train.trainables import Trainables
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,13 @@ def tt_set(model, config: FinetuneConfig) -> Trainables:
     adapted = add_tt_adapters(model, tt_config(config))
     low_bit = config.base.kind == "low-bit"
     identity = config.train.tt.activation == "identity"
+    # merging W' = W A (or A W) fills a pruned layer's zeros: keep the adapters apart where the zeros must stay
+    pruned = config.base.keep_sparsity and any(
+        sparsity_masks({"w": model.get_submodule(n).base_layer.weight}) for n in adapted if not low_bit)
     log.info("%d TT adapters (%s)", len(adapted), config.train.tt.activation)
 
     def save_model(m, path: Path, tok) -> None:
-        if identity and not low_bit:
+        if identity and not low_bit and not pruned:
             try:
                 models.save(merge_adapters(copy.deepcopy(m)), tok, path)
                 return

@@ -2,10 +2,10 @@
 
 * ``low-bit``: the model is quantized in place (INT8 / INT4 / FP8 codes, zolm.quant), or checked against the
   run's format when it already is; training then moves its codes (QuZO) or adapters over them.
-* ``fake-quant``: every linear weight becomes a float32 master behind a parametrization; the forward sees its
-  quantized value ``W + (Q(W) - W).detach()`` (round to nearest on absmax scales), so backprop passes straight
-  through (STE, ``fo-ste``) and ZO perturbs the master (QuZO's float-master regime). The result is saved
-  quantized, as trained.
+* ``fake-quant``: every linear weight becomes a float master (the run's dtype) behind a parametrization; the
+  forward sees its quantized value ``W + (Q(W) - W).detach()`` (round to nearest on the format's scales, clipped
+  for INT4), so backprop passes straight through (STE, ``fo-ste``) and ZO perturbs the master (QuZO's
+  float-master regime). The result is saved quantized, as trained.
 """
 
 from __future__ import annotations
@@ -29,9 +29,16 @@ def ensure_quantized(model, config: FinetuneConfig) -> None:
     if have is None:
         quantize_(model, qc)  # the new layers' float parts (biases, embedding output) follow the run's dtype
         cast_float_parts_(model, models.resolve_dtype(config.dtype))
-    elif {k: v for k, v in have.items() if k != "tied_head"} != qc.to_dict():
+    elif _layout(have) != _layout(qc.to_dict()):
         raise ZolmError(f"the model is already quantized as {have['weight']}, not as the run asks "
                         f"({qc.weight.name}); pass matching --bits/--format/--group-size")
+
+
+def _layout(d: dict) -> dict:
+    """A quantization record without what only mattered when the codes were made (tied head, scale search)."""
+    out = {k: v for k, v in d.items() if k != "tied_head"}
+    out["weight"] = {k: v for k, v in out["weight"].items() if k != "clip"}
+    return out
 
 
 class STEQuant(nn.Module):

@@ -33,6 +33,7 @@ from zolm.train.presets import PRESETS
 from zolm.utils.configs import build, check_value, deep_merge, flag_name, leaves, option, set_path, to_dict
 
 PARTS = ("base", "train", "estimator", "optim")
+PART_CLASSES = dict(zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer)))
 METHODS = tuple(PRESETS)
 RUN, DATA, EVAL = "run", "data", "evaluation"
 
@@ -79,9 +80,12 @@ class FinetuneConfig:
         if self.method not in PRESETS:
             raise unknown("method", self.method, METHODS)
         preset = PRESETS[self.method].parts()
-        for name, cls in zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer)):
-            if getattr(self, name) is None:
-                setattr(self, name, build(cls, preset[name], name))
+        for name, cls in PART_CLASSES.items():  # a part not given comes from the preset; a dict merges into it
+            given = getattr(self, name)
+            if given is None or isinstance(given, dict):
+                setattr(self, name, build(cls, deep_merge(preset[name], given or {}), name))
+            elif not isinstance(given, cls):
+                raise ZolmError(f"{name} must be a {cls.__name__} or a mapping of its options, got {given!r}")
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length", "num_train", "num_test"):
             if getattr(self, name) < 1:
                 raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,7 +121,8 @@ class FinetuneConfig:
     def describe(self) -> str:
         """One line naming the parts, e.g. ``low-bit int4 base x lora x spsa (4-bit perturbations) x sgd``."""
         b, t, e = self.base, self.train, self.estimator
-        base = b.kind if b.kind == "float" else f"{b.kind} {b.format}{8 if b.format == 'fp8' else b.bits}"
+        base = b.kind if b.kind == "float" else f"{b.kind} " + (f"fp8-{b.fp8_variant}" if b.format == "fp8"
+                                                                   else f"int{b.bits}")
         est = e.kind + (f" ({e.perturb_bits}-bit perturbations)" if e.perturb_bits else "") + (
             ", adaptive queries" if e.schedule == "adaptive" else "")
         train = t.kind if t.kind != "mask" else f"{t.mask.kind} mask"
@@ -132,33 +137,18 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> FinetuneConfig:
         """Build from a (possibly flat) mapping: run keys, nested parts, or parts' flat names; types checked."""
-        if not isinstance(data, dict):
-            raise ZolmError(f"{where}: expected a mapping of keys to values, got {data!r}")
-        run_fields = {f.name: f for f in fields(cls) if f.name not in PARTS}
-        run: dict[str, Any] = {}
-        nested: dict[str, Any] = {}
-        flat = flat_names()
-        given_flat = []
-        for key, value in data.items():
-            if key in run_fields:
-                run[key] = value
-            elif key in PARTS and not (key in flat and isinstance(value, str)):  # --base low-bit is the kind
-                if value is not None and not isinstance(value, dict):
-                    raise ZolmError(f"{where}: {key} must be a mapping of part options, got {value!r}")
-                nested[key] = deep_merge(nested.get(key, {}), value or {})
-            elif key in flat:
-                given_flat.append((flat[key], value))
-            else:
-                valid = sorted(set(run_fields) | set(PARTS) | set(flat))
-                raise ZolmError(f"{where}: unknown key {key!r}; valid: {', '.join(valid)}")
-        for path, value in given_flat:  # a flat name wins over the same key nested (a flag over a file)
-            set_path(nested, path, value)
+        run, nested = split_config(data, where)
+        return cls.build(run, nested, where)
+
+    @classmethod
+    def build(cls, run: dict[str, Any], nested: dict[str, Any], where: str = "config") -> FinetuneConfig:
+        """From run-level values and nested part values (over the preset ``run["method"]`` names)."""
         run = build_run(cls, run, where)
         method = run.get("method", "mezo")
         if method not in PRESETS:
             raise unknown("method", method, METHODS)
         parts = deep_merge(PRESETS[method].parts(), nested)
-        built = {p: build(c, parts[p], p) for p, c in zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer))}
+        built = {p: build(c, parts.get(p, {}), p) for p, c in PART_CLASSES.items()}
         return cls(**run, **built)
 
     @classmethod
@@ -184,8 +174,47 @@ class FinetuneConfig:
             raise ZolmError(f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ZolmError(f"{path}: a config file must hold a mapping of keys to values")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data, where=str(path))
+        run, nested = split_config(data, str(path))
+        run_over, nested_over = split_config({k: v for k, v in overrides.items() if v is not None}, "options")
+        return cls.build({**run, **run_over}, deep_merge(nested, nested_over), str(path))
+
+
+LEGACY_KEYS = {"lora_r", "tt_rank", "mazo_alpha", "q_schedule", "perturb_bits"}  # a whole pre-parts flat record
+
+
+def split_config(data: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-level values, nested part values) of a config mapping whose parts may be nested or flat.
+
+    A flat name wins over the same key nested in the same mapping. A complete flat record written before the parts
+    existed (run_config.json, replay headers, recipes) reads as the run it was: None meant "the method's default",
+    and q_schedule only ever applied to adazeta.
+    """
+    if not isinstance(data, dict):
+        raise ZolmError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    run_fields = {f.name for f in fields(FinetuneConfig) if f.name not in PARTS}
+    if LEGACY_KEYS <= set(data) and not set(PARTS) & set(data):
+        data = {k: v for k, v in data.items() if v is not None}
+        if data.get("method") != "adazeta":
+            data = {k: v for k, v in data.items() if not k.startswith("q_")}
+    run: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    flat = flat_names()
+    given_flat = []
+    for key, value in data.items():
+        if key in run_fields:
+            run[key] = value
+        elif key in PARTS and not (key in flat and isinstance(value, str)):  # --base low-bit is the kind
+            if value is not None and not isinstance(value, dict):
+                raise ZolmError(f"{where}: {key} must be a mapping of part options, got {value!r}")
+            nested[key] = deep_merge(nested.get(key, {}), value or {})
+        elif key in flat:
+            given_flat.append((flat[key], value))
+        else:
+            valid = sorted(run_fields | set(PARTS) | set(flat))
+            raise ZolmError(f"{where}: unknown key {key!r}; valid: {', '.join(valid)}")
+    for path, value in given_flat:
+        set_path(nested, path, value)
+    return run, nested
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -211,7 +240,7 @@ def build_run(cls, run: dict[str, Any], where: str) -> dict[str, Any]:
 def flat_names() -> dict[str, tuple[str, ...]]:
     """{flat name: path} of every part field, e.g. ``lora_r -> (train, lora, r)``, ``bits -> (base, bits)``."""
     out = {}
-    for part, cls in zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer)):
+    for part, cls in PART_CLASSES.items():
         for path, f, _ in leaves(cls, (part,)):
             out[flag_name(path, f)] = path
     return out

@@ -54,9 +54,8 @@ def mask_set(model, config: FinetuneConfig, run_dir: Path | None = None) -> Trai
     """The masked coordinates of the maskable weights (block linears unless ``mask.params`` says otherwise)."""
     t = config.train
     weights = maskable_weights(model, t.mask.params or MASKABLE, t.params, t.freeze)
-    masks, report = _masks(model, config, weights, run_dir)
-    return Trainables(model, [f"^{re.escape(n)}$" for n in weights], masks=masks, save_model=save_plain,
-                      info={"mask_report": report})
+    masks, _ = _masks(model, config, weights, run_dir)
+    return Trainables(model, [f"^{re.escape(n)}$" for n in weights], masks=masks, save_model=save_plain)
 
 
 def _masks(model, config: FinetuneConfig, weights: dict, run_dir: Path | None) -> tuple[dict, dict]:

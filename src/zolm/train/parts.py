@@ -70,6 +70,9 @@ class BaseWeights:
     fp16_scales: bool | None = option(None, "quantized base: scales rounded to float16 (GGUF-exact; default on for "
                                       "int with groups of 32)")
     act_bits: int | None = option(None, "quantized base: fake-quantize layer inputs to this many bits")
+    clip: str | None = option(None, "quantized base: scale search, mse (clip each group's range to minimise its "
+                              "error) or none (absmax); default mse for int4, none otherwise",
+                              choices=("mse", "none"))
     keep_sparsity: bool = option(True, "pruned tensors (>= 10 percent exact zeros) keep their zeros under every part")
 
     def __post_init__(self) -> None:
@@ -84,7 +87,7 @@ class BaseWeights:
         group = self.group_size if self.group_size is not None else (32 if self.format == "int" and self.bits == 4
                                                                        else None)
         bits = 8 if self.format == "fp8" else self.bits
-        fmt = QuantFormat(self.format, bits, self.fp8_variant, group, self.fp16_scales)
+        fmt = QuantFormat(self.format, bits, self.fp8_variant, group, self.fp16_scales, self.clip)
         return QuantConfig(weight=fmt, embed_bits=self.embed_bits, act_bits=self.act_bits)
 
 
@@ -129,7 +132,7 @@ class TTOptions:
             raise ZolmError(f"train.tt.scaling must be a finite number, got {self.scaling}")
         if self.hidden_modes and (len(self.hidden_modes) != self.modes or min(self.hidden_modes) < 2):
             raise ZolmError(f"tt_hidden_modes must be {self.modes} (tt_modes) integers >= 2, got {self.hidden_modes}")
-        from zolm.adapters.inject import parse_placement  # torch-free
+        from zolm.adapters.inject import parse_placement
 
         for entry in self.placement:
             parse_placement(entry, what="tt_placement entry")
@@ -269,8 +272,18 @@ def check_composition(base: BaseWeights, train: TrainableSet, est: Estimator, op
         raise ZolmError("update_rounding rounds updates onto the low-bit grid; it applies only when the trained "
                         "tensors are low-bit codes (base low-bit, trainable all)")
     if base.kind == "fake-quant" and train.kind != "all":
-        raise ZolmError(f"a fake-quant base trains its own float masters; {train.kind} adapters or masks go over "
-                        "a frozen float or low-bit base")
+        where = "a float" if train.kind == "mask" else "a float or low-bit"
+        raise ZolmError(f"a fake-quant base trains its own float masters; {train.kind} "
+                        f"{'masks' if train.kind == 'mask' else 'adapters'} go over {where} base")
+    if base.kind == "fake-quant" and base.act_bits is not None:
+        raise ZolmError("act_bits fake-quantizes the inputs of low-bit layers; a fake-quant base quantizes weights "
+                        "only (use base low-bit with LoRA / TT adapters for quantized activations)")
+    if trains_codes(base, train) and not base.keep_sparsity:
+        raise ZolmError("--no-keep-sparsity is not supported on low-bit codes: a pruned layer's codes keep their "
+                        "stored sparsity mask")
+    if est.perturb_bits and not trains_codes(base, train) and opt.weight_decay:
+        raise ZolmError("weight decay is not supported with quantized perturbations on float tensors; use "
+                        "weight_decay 0")
     if base.kind == "low-bit" and train.kind == "mask":
         raise ZolmError("masks over low-bit codes are not supported: train a mask on a float base, or LoRA / TT "
                         "adapters over the low-bit base")

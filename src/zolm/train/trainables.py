@@ -9,7 +9,6 @@ wherever ``base.keep_sparsity`` is set (zolm.train.sparsity).
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ class Trainables:
     save_extra: Saver | None = None
     code_layers: list | None = None  # [(name, QuantLinear)] when the trained tensors are low-bit codes
     lora: bool = False  # LoRA keeps sparsity in its forward (masked delta), not through gradient masks
-    info: dict = field(default_factory=dict)  # e.g. the mask report of a mask set
 
 
 def save_plain(model, path: Path, tokenizer) -> None:
@@ -70,8 +68,3 @@ def all_set(model, config: FinetuneConfig) -> Trainables:
 
             models.save(bake_fake_quant_(m, config), tok, path)
     return Trainables(model, list(t.params) or [".*"], list(t.freeze), save_model=saver)
-
-
-def copy_for_saving(model):
-    """A deep copy to merge or bake into, so that the trained model stays usable after saving."""
-    return copy.deepcopy(model)

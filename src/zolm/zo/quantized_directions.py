@@ -35,9 +35,9 @@ class QuantizedDirectionZO(ZOOptimizer):
             raise ZolmError("quantized perturbations round the ih4 draw; use sampler ih4")
         if config.weight_decay:
             raise ZolmError("weight decay is not supported with quantized perturbations; use weight_decay 0")
-        bad = [n for n, p in zip(params.names, params.params) if p.dtype != torch.float32]
+        bad = [(n, p.dtype) for n, p in zip(params.names, params.params) if p.dtype != torch.float32]
         if bad:
-            raise ZolmError(f"quantized perturbations train float32 tensors; {bad[0]} is {params.params[0].dtype} "
+            raise ZolmError(f"quantized perturbations train float32 tensors; {bad[0][0]} is {bad[0][1]} "
                             "(train adapters, which are float32, or load the model in float32)")
         super().__init__(params, config)
         self._last: tuple[int, float] | None = None  # (seed, accumulated coefficient) of the perturbation in place
