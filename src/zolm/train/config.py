@@ -148,7 +148,7 @@ class FinetuneConfig:
         if method not in PRESETS:
             raise unknown("method", method, METHODS)
         parts = deep_merge(PRESETS[method].parts(), nested)
-        built = {p: build(c, parts.get(p, {}), p) for p, c in PART_CLASSES.items()}
+        built = {p: build(c, parts.get(p, {}), f"{where}: {p}") for p, c in PART_CLASSES.items()}
         return cls(**run, **built)
 
     @classmethod
