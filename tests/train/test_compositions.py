@@ -146,3 +146,23 @@ def test_identity_tt_adapters_over_a_pruned_base_are_not_merged(tiny_llama_dir, 
     finetune(cfg(str(tmp_path / "pruned"), data_dir, tmp_path / "run", method="adazeta", tt_activation="identity",
                  q_schedule="fixed", lr=1e-2))
     assert is_adapter_dir(tmp_path / "run" / "model")
+
+
+def test_quzo_float_master_saves_exactly_what_its_forward_saw(tiny_llama_dir, data_dir, tmp_path):
+    """quzo-fm: float masters, forward through a fixed INT4 grid, 4-bit quantized perturbations; the saved INT4
+    codes on the same fixed scales give the trained forward's logits, and the scales never moved."""
+    config = cfg(tiny_llama_dir, data_dir, tmp_path / "x", method="quzo-fm", lr=1e-2)
+    model, _ = models.load(tiny_llama_dir)
+    built = build_method(model, config).model
+    start = {n: m.parametrizations.weight[0].scale.clone() for n, m in built.named_modules()
+             if hasattr(m, "parametrizations")}
+    method, tok = train_in_memory(config)
+    assert type(method.optimizer).__name__ == "QuantizedDirectionZO"
+    scales = {n: m.parametrizations.weight[0].scale for n, m in method.model.named_modules()
+              if hasattr(m, "parametrizations")}
+    assert scales.keys() == start.keys() and all(torch.equal(scales[n], start[n]) for n in start)
+    trained = logits(method.model)
+    method.save_model(tmp_path / "model", tok)
+    saved, _ = models.load(str(tmp_path / "model"))
+    assert getattr(saved.config, "zolm_quantization", None)
+    assert torch.allclose(logits(saved), trained, atol=1e-5, rtol=0)

@@ -23,7 +23,10 @@ REF_LR = {"mezo": 1e-3, "fo-adamw": 1e-3, "fo-sgd": 1e-2, "fo-lora": 1e-3, "quzo
 # defaults deliberately changed after the reference was written (each documented where it is set): the
 # reference runs are reproduced with the old values pinned
 PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"},  # identity-start TT adapters
-          **{m: {"clip": "none"} for m in ("quzo", "quant-mezo", "fo-ste")}}  # INT4 scales clipped by default
+          **{m: {"clip": "none"} for m in ("quzo", "quant-mezo")},  # INT4 scales clipped by default
+          # a fake-quant base now also fake-quantizes the INT8 embedding it is saved with (it trained on a float one)
+          "fo-ste": {"clip": "none", "embed_bits": None}}
+CHANGED_FILES = {"fo-ste": {"model/zolm-quantized.safetensors"}}  # now saved with the float embedding it trained
 
 
 def run(model_dir, data_dir, out, method, steps=3, **kw):
@@ -67,6 +70,8 @@ def test_presets_reproduce_the_weights_of_the_flat_config_era(tiny_llama_dir, da
     assert set(want) <= set(got), sorted(set(want) - set(got))
     exact = probe(tiny_llama_dir) == REFERENCE["_probe"]
     for name, (sha, total) in want.items():
+        if name in CHANGED_FILES.get(method, ()):
+            continue
         if exact:
             assert got[name][0] == sha, f"{method} {name} differs from the pre-redesign weights"
         else:

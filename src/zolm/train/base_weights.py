@@ -16,7 +16,8 @@ from torch.nn.utils import parametrize
 
 from zolm import models
 from zolm.errors import ZolmError
-from zolm.quant.linear import quantize_
+from zolm.quant.formats import QuantFormat
+from zolm.quant.linear import QuantLinear, quantize_
 from zolm.quant.placement import cast_float_parts_
 from zolm.quant.primitives import compute_scales, dequantize, quantize
 from zolm.train.config import FinetuneConfig
@@ -42,15 +43,20 @@ def _layout(d: dict) -> dict:
 
 
 class STEQuant(nn.Module):
-    """W -> W + (Q(W) - W).detach(): the forward sees the quantized weight, gradients pass straight through."""
+    """W -> W + (Q(W) - W).detach(): the forward sees the quantized weight, gradients pass straight through.
 
-    def __init__(self, fmt):
+    ``scale`` None: the scales follow W (recomputed every forward, as STE training does); a tensor: fixed scales
+    (QuZO's float-master runs: the grid is set once, round to nearest onto it).
+    """
+
+    def __init__(self, fmt, scale: torch.Tensor | None = None):
         super().__init__()
         self.fmt = fmt
+        self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            scale = compute_scales(w, self.fmt)
+            scale = self.scale if self.scale is not None else compute_scales(w, self.fmt)
             wq = dequantize(quantize(w, scale, self.fmt), scale, self.fmt).to(w.dtype)
         return w + (wq - w).detach()
 
@@ -60,17 +66,42 @@ def fake_quantize_(model, config: FinetuneConfig) -> None:
     if getattr(model.config, "zolm_quantization", None):
         raise ZolmError("a fake-quant base needs float weights; this model is already low-bit (use base low-bit)")
     qc = config.base.quant_config()
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not any(s in name for s in qc.skip):
-            parametrize.register_parametrization(mod, "weight", STEQuant(qc.weight), unsafe=True)
+    fixed = config.base.fake_scales == "fixed"
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    targets = [(mod, qc.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+               and not any(s in name for s in qc.skip) and not (tied and mod is head)]
+    if qc.embed_bits is not None:  # the saved model stores the embedding (and a tied head) per row in INT
+        efmt = QuantFormat("int", qc.embed_bits, fp16_scales=bool(qc.embed_fp16_scales))
+        targets += [(emb, efmt)] + ([(head, efmt)] if tied else [])
+    scales = {}
+    for mod, fmt in targets:
+        if fixed and id(mod.weight) not in scales:
+            scales[id(mod.weight)] = compute_scales(mod.weight, fmt)
+        scale = scales.get(id(mod.weight))
+        parametrize.register_parametrization(mod, "weight", STEQuant(fmt, scale), unsafe=True)
 
 
+@torch.no_grad()
 def bake_fake_quant_(model, config: FinetuneConfig):
-    """Drop the parametrizations (keeping the float masters) and quantize the model as trained (RTN)."""
-    for mod in model.modules():
+    """Drop the parametrizations (keeping the float masters) and quantize the model as trained: round to nearest
+    on fixed scales where the run used them (the saved codes are exactly what the forward saw), else on fresh ones."""
+    fixed, masters = {}, {}
+    emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    for name, mod in list(model.named_modules()):
         if parametrize.is_parametrized(mod, "weight"):
+            scale = mod.parametrizations.weight[0].scale
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-    return quantize_(model, config.base.quant_config())
+            if scale is not None:
+                fixed[name], masters[name] = scale, mod.weight.detach().clone()
+    quantize_(model, config.base.quant_config())
+    for name, scale in fixed.items():
+        q = model.get_submodule(name)
+        if name != emb_name and not isinstance(q, QuantLinear):
+            continue  # a tied head: it reads the embedding's codes
+        q.scale.copy_(scale)
+        q.qweight.copy_(quantize(masters[name], scale, q.fmt))
+    return model
 
 
 def prepare_base_(model, config: FinetuneConfig) -> None:

@@ -73,6 +73,9 @@ class BaseWeights:
     clip: str | None = option(None, "quantized base: scale search, mse (clip each group's range to minimise its "
                               "error) or none (absmax); default mse for int4, none otherwise",
                               choices=("mse", "none"))
+    fake_scales: str = option("dynamic", "fake-quant base: scales follow the masters every forward (dynamic, STE's "
+                              "usual) or are fixed at the start (fixed: QuZO's float-master runs)",
+                              choices=("dynamic", "fixed"))
     keep_sparsity: bool = option(True, "pruned tensors (>= 10 percent exact zeros) keep their zeros under every part")
 
     def __post_init__(self) -> None:

@@ -19,9 +19,10 @@ from zolm.train.presets import (
     mezo_random_mask,
     quant_mezo,
     quzo,
+    quzo_fm,
     quzo_lora,
 )
 
 PRESETS: dict[str, Preset] = {m.PRESET.name: m.PRESET for m in (
     mezo, fo_adamw, fo_sgd, fo_lora, quzo, quant_mezo, fo_ste, adazeta, mezo_lora, fo_tt, mazo, mezo_random_mask,
-    mezo_magnitude_mask, quzo_lora, adazeta_int4)}
+    mezo_magnitude_mask, quzo_fm, quzo_lora, adazeta_int4)}
