@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ZolmError as e:
         print(f"zolm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read or write the commands did not anticipate: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"zolm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("zolm: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130

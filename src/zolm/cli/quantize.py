@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16-scales", choices=("auto", "on", "off"), default="auto",
                    help="round scales to float16 so GGUF Q4_0/Q8_0 exports are exact (auto: on for int groups of 32)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
 
 
 def _bytes(model) -> int:
@@ -36,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
                          embed_bits=args.embed_bits or None, act_bits=args.act_bits,  # validates before loading
                          fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
     qc = cfg.quant_config()
+    from zolm.utils.outputs import check_output
+
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model])
     from zolm import models
     from zolm.quant.linear import quantize_
 

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "save_pretrained; bit-identical to the trained weights on the same torch build.")
     p.add_argument("base", help="the base model (built-in name, directory or hub id)")
     p.add_argument("log", help="replay.jsonl written by zolm finetune")
-    p.add_argument("--out", required=True, help="directory for the rebuilt model")
+    p.add_argument("--out", required=True, help="directory for the rebuilt model (never a run directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
     p.add_argument("--step", type=int, default=None, help="replay up to this step (default: the selected one)")
 
 

@@ -16,9 +16,9 @@ gradients, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +35,7 @@ from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
 from zolm.train.config import FinetuneConfig
 from zolm.train.methods import StepBatch, build_method
 from zolm.train.plot import plot_loss
+from zolm.train.rundir import prepare_run_dir
 from zolm.utils import dist
 from zolm.utils.devices import resolve_device, use_device
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
@@ -51,25 +52,11 @@ def lr_at(config: FinetuneConfig, step: int) -> float:
     return config.lr
 
 
-def _prepare_out(config: FinetuneConfig, overwrite: bool) -> dict | None:
-    """Create the run directory; return the checkpoint state to resume from, if any."""
-    out = Path(config.out)
-    if not config.out:
-        raise ZolmError("an output directory is required (--out)")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    ckpt = out / "checkpoint" / "state.json"
-    if ckpt.is_file():
-        state = json.loads(ckpt.read_text())
-        if state["config"] != config.to_dict():
-            diff = sorted(k for k in config.to_dict() if state["config"].get(k) != config.to_dict()[k])
-            raise ZolmError(f"{out} holds a run with another config (differs in: {', '.join(diff)}); "
-                            "use --overwrite or another --out")
-        return state
-    if out.exists() and any(out.iterdir()):
-        raise ZolmError(f"{out} exists and is not empty; use --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+def _prepare_out(config: FinetuneConfig, overwrite: bool, stack: contextlib.ExitStack) -> dict | None:
+    """Lock the run directory (released when ``stack`` closes); return the checkpoint state to resume from."""
+    lock, state = prepare_run_dir(config.out, config.to_dict(), overwrite, [config.model, config.data_dir])
+    stack.callback(lock.release)
+    return state
 
 
 class _Quiet:
@@ -120,8 +107,14 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     """Fine-tune ``config.model`` on ``config.task`` (one task or a comma-separated mixture).
 
     Returns the results dict. ``callbacks`` are called as ``cb(step, record)`` after every step (tests use
-    one to interrupt a run).
+    one to interrupt a run). The run directory is locked while it runs (zolm.train.rundir).
     """
+    with contextlib.ExitStack() as stack:
+        return _finetune(config, overwrite, callbacks, stack)
+
+
+def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Callable[[int, dict], None]],
+              stack: contextlib.ExitStack) -> dict:
     device = placement(config)
     distributed = dist.init(device)
     main = dist.is_main()
@@ -134,7 +127,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     for name, s in zip(names, all_splits):
         if not s.train:
             raise ZolmError(f"task {name} has no training examples with these settings")
-    resume = _prepare_out(config, overwrite) if main else None
+    resume = _prepare_out(config, overwrite, stack) if main else None
     dist.barrier()
     out = Path(config.out)
     if not main and (out / "checkpoint" / "state.json").is_file():
