@@ -100,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     from zolm.utils.io import atomic_write_json
 
     model, tok = models.load(args.model, args.dtype, device=device, device_map=args.device_map)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if source is not None and isinstance(limit, int) and args.seqlen > limit:
+        raise ZolmError(f"--seqlen {args.seqlen} is longer than the model's {limit} positions "
+                        "(max_position_embeddings)")
     calib = None
     if source is not None:
         calib = calibration_ids(tok, source, None, args.nsamples, args.seqlen, args.seed)

@@ -13,7 +13,6 @@ biases and the LM head stay frozen.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from zolm.eval.scoring import task_loss
 from zolm.masks.calibrate import gradient_stats
 from zolm.masks.importance import ImportanceConfig, normalized_task_score, score_terms
 from zolm.masks.multitask import check_kind, check_ratio, magnitude_mask, overlap_stats, random_mask, topk_row_mask
+from zolm.utils.patterns import compile_patterns
 from zolm.zo.rng import derive_seed, pack_mask
 
 MASKABLE = (r"\.(q|k|v|o|gate|up|down)_proj\.weight$", r"\.(out_proj|fc1|fc2)\.weight$")
@@ -69,9 +69,9 @@ def maskable_weights(model: nn.Module, patterns: Sequence[str] = MASKABLE, inclu
                      exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """``{name: parameter}`` of the 2-D weights matching one of ``patterns`` (and ``include`` if given), not
     ``exclude``; in ``named_parameters`` order. Raises ZolmError when nothing matches."""
-    pats = [re.compile(p) for p in patterns]
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
+    pats = compile_patterns(patterns, "mask_params")
+    inc = compile_patterns(include, "train_params")
+    exc = compile_patterns(exclude, "freeze_params")
     out = {}
     for name, p in model.named_parameters():
         if not any(r.search(name) for r in pats) or (inc and not any(r.search(name) for r in inc)):
