@@ -75,7 +75,8 @@ def load_checkpoint(path: str | Path, opt: torch.optim.Optimizer | None = None
 @torch.no_grad()
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
-    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return [n for n, t in tensors.items() if t.is_floating_point()
+            and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]  # fp8: no isfinite
 
 
 @torch.no_grad()

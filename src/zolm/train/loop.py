@@ -2,7 +2,7 @@
 
 A run directory holds:
     run_config.json   the resolved FinetuneConfig           metrics.jsonl  one JSON line per step / eval
-    replay.jsonl      ZO replay log (seeds, grads, lr)        loss.png       loss curve (+ dev metric)
+    replay.jsonl      ZO replay log (grads, lr, hashes)       loss.png       loss curve (+ dev metric)
     checkpoint/       latest state, for resuming              best/          best-on-dev trainable weights
     model/            final model (save_pretrained)           adapter/       LoRA adapter (fo-lora)
     results.json      metrics before / after, timings
@@ -31,7 +31,7 @@ from zolm.data.tasks import load_splits
 from zolm.errors import ZolmError
 from zolm.eval.evaluate import evaluate_items
 from zolm.train.batches import Mixture
-from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
+from zolm.train.checkpoint import copy_into, load_checkpoint, nonfinite, save_checkpoint
 from zolm.train.config import FinetuneConfig
 from zolm.train.methods import StepBatch, build_method
 from zolm.train.plot import plot_loss
@@ -41,7 +41,7 @@ from zolm.utils.devices import resolve_device, use_device
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
 from zolm.utils.log import progress
 from zolm.zo.optimizer import DivergenceError
-from zolm.zo.replay import replay_header
+from zolm.zo.replay import ReplayWriter, replay_header, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,15 @@ class _Quiet:
     """Stands in for a log writer on workers other than rank 0."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def checkpoint(self, step: int, digest: str) -> None:
+        pass
+
+    def end(self, step: int, digest: str) -> None:
         pass
 
     def close(self) -> None:
@@ -152,9 +161,10 @@ def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Calla
     metrics = JsonlWriter(out / "metrics.jsonl", truncate_after=start if resume else None) if main else _Quiet()
     replay = None
     if method.is_zo:
-        replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None) if main else _Quiet()
-        if not resume:
-            replay.write(replay_header(config.to_dict(), method.optimizer.header()))
+        header = None if resume else replay_header(config.to_dict(), method.optimizer.header(),
+                                                   tensors_digest(method.model.state_dict()) if main else None)
+        replay = ReplayWriter(out / "replay.jsonl", header, start if resume else None,
+                              method.optimizer.seeds_for) if main else _Quiet()
     pad = tok.pad_token_id
 
     def evaluate(split: list, desc: str) -> dict:
@@ -192,7 +202,7 @@ def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Calla
                 record["task_loss"] = dict(zip(names, method.last_task_losses))
             metrics.write(record)
             if replay is not None:
-                replay.write(result.to_json())
+                replay.step(result.to_json())
             bar.set_postfix(loss=f"{loss:.4f}")
             for cb in callbacks:
                 cb(step, record)
@@ -207,6 +217,8 @@ def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Calla
                     plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", title)
             state["step"] = step
             if main and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
+                if replay is not None and not nonfinite(trainable):
+                    replay.checkpoint(step, tensors_digest(trainable))  # before the write: a kill drops both
                 save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
     except DivergenceError as e:
         metrics.write({"step": state["step"] + 1, "event": "diverged", "message": str(e)})
@@ -226,7 +238,7 @@ def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Calla
     selected = state["best_step"] or config.steps
     after = evaluate(test, "test (after)") if any(test) else {}
     if replay is not None:
-        replay.write({"event": "end", "selected_step": selected})
+        replay.end(selected, tensors_digest(trainable) if main else "")
         replay.close()
     results = {"status": "done", **_summary(config, state), "selected_step": selected, "after": after}
     if distributed:
