@@ -144,7 +144,7 @@ def load_splits(task: str | TaskSpec, data_dir: str | Path | None = None, num_tr
     """Sample train / dev / test as MeZO does (see module docstring)."""
     spec = get_task(task) if isinstance(task, str) else task
     num_dev = spec.num_dev if num_dev is None else num_dev
-    for n, what in ((num_train, "num_train"), (num_dev, "num_dev"), (num_test, "num_test")):
+    for n, what in ((num_train, "num_train"), (num_dev, "num_dev"), (num_test, "num_test"), (seed, "data_seed")):
         if n < 0:
             raise ZolmError(f"{what} must be >= 0, got {n}")
     test_rows = load_rows(spec, spec.test_split, data_dir)
