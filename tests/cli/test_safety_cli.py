@@ -217,3 +217,12 @@ def test_every_numeric_option_out_of_range_never_leaks(capsys, paths, tmp_path, 
         if code == 2:
             one_line(code, err)
     assert os.path.isdir(paths["tiny"])
+
+
+def test_a_recipe_never_writes_into_a_users_folder(capsys, paths, tmp_path):
+    mine = precious(tmp_path / "mine")
+    one_line(*run(capsys, "run", paths["recipe"], "--out", mine)[::2], "exists (a non-empty directory)")
+    assert (mine / "precious.txt").read_text() == "mine"
+    one_line(*run(capsys, "run", paths["recipe"], "--out", Path(paths["tiny"]).parent, "--overwrite")[::2],
+             "around its input")
+    assert Path(paths["tiny"], "config.json").is_file()

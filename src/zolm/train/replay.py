@@ -20,7 +20,7 @@ from zolm.train.config import FinetuneConfig
 from zolm.train.methods import build_method
 from zolm.utils.devices import resolve_device
 from zolm.utils.log import progress
-from zolm.zo.replay import names_digest, read_log, tensors_digest
+from zolm.zo.replay import names_digest, read_log, tensors_digest, with_seeds
 
 
 @dataclass
@@ -63,9 +63,7 @@ def replay_verified(log_path: str | Path, base_model: str | None = None, upto_st
                         "from the fingerprint in the log); refusing to replay")
     opt = method.optimizer
     for rec in progress(log.records[:target], desc="replay"):
-        if "seeds" not in rec:
-            rec = {**rec, "seeds": opt.seeds_for(rec["step"], len(rec["grads"]))}
-        opt.replay_(rec)
+        opt.replay_(with_seeds(rec, opt.seeds_for))
     verified = None
     if log.verifiable and target in log.hashes:
         if tensors_digest(method.trainable) != log.hashes[target]:

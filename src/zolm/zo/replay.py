@@ -124,6 +124,13 @@ class ReplayWriter:
         self._f.close()
 
 
+def with_seeds(record: dict, seeds_for) -> dict:
+    """A step record with its seeds: the stored ones, else ``seeds_for(step, queries)`` (what training used)."""
+    if "seeds" in record:
+        return record
+    return {**record, "seeds": seeds_for(record["step"], len(record["grads"]))}
+
+
 @dataclass
 class ReplayLog:
     """A checked replay log: header, step records in order, recorded weight hashes by step."""
