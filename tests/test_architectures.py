@@ -104,3 +104,12 @@ def test_methods_run_with_todays_flags(arch, data_dir, tmp_path, capsys, method)
                  "--batch-size", "2", "--num-train", "8", "--num-dev", "2", "--num-test", "2", "--eval-every", "2",
                  "--mazo-calib-examples", "4", "--out", str(tmp_path / "run")])
     assert code == 0, capsys.readouterr().err
+
+
+def test_mazo_activation_curvature_on_conv1d(tokenizer, data_dir, tmp_path, capsys):
+    """GPT-2's Conv1D stores [in, out]: the layer-input statistics index its rows, not its columns."""
+    path = _save(tiny_arch("gpt2", len(tokenizer)), tokenizer, tmp_path / "gpt2")
+    code = main(["finetune", "--model", path, "--data-dir", data_dir, "--method", "mazo", "--mazo-curvature",
+                 "activation", "--steps", "1", "--batch-size", "2", "--num-train", "8", "--num-dev", "0",
+                 "--num-test", "0", "--eval-every", "0", "--mazo-calib-examples", "4", "--out", str(tmp_path / "r")])
+    assert code == 0, capsys.readouterr().err

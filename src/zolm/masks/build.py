@@ -8,8 +8,8 @@ statistics (2 floats per maskable weight) plus the running sum (1 float), never 
 
 Maskable weights (papers.md 5.4): by default the weights of the linear (or GPT-2 Conv1D, stored ``[in, out]``)
 layers inside the decoder blocks that :mod:`zolm.blocks` finds, for any architecture (``MASKABLE``); embeddings,
-norms, biases and the LM head stay frozen. A fisher curvature on a calibration set that fits one mini-batch splits
-it in two (logged).
+norms, biases and the LM head stay frozen. Masks follow the stored layout: a Conv1D's rows are its input
+features. A fisher curvature on a calibration set that fits one mini-batch splits it in two (logged).
 """
 
 from __future__ import annotations
