@@ -173,3 +173,17 @@ def test_a_directory_with_a_users_files_is_refused_even_with_a_run_config(tiny_l
         finetune(cfg(tiny_llama_dir, data_dir, os.path.join(tiny_llama_dir, "run"), **KW))
     with pytest.raises(ZolmError, match="--out .* is around its input"):
         finetune(cfg(tiny_llama_dir, data_dir, os.path.dirname(data_dir), **KW), overwrite=True)
+
+
+def test_a_float16_divergence_leaves_a_finite_checkpoint(tiny_llama_dir, data_dir, tmp_path):
+    """lr 1e3 in float16: step 1 is finite (checkpointed), step 2's loss is NaN; lr 1e6: step 1's update overflows
+    and nothing is checkpointed. The last good checkpoint always holds finite weights and float32 masters."""
+    kw = dict(KW, dtype="float16", checkpoint_every=1, num_dev=0)
+    with pytest.raises(ZolmError, match=r"loss is not finite at step 2.*last good checkpoint: .*\(step 1\)"):
+        finetune(cfg(tiny_llama_dir, data_dir, tmp_path / "a", **dict(kw, lr=1e3)))
+    saved, state = ckpt_mod.load_checkpoint(tmp_path / "a" / "checkpoint")
+    assert state["step"] == 1 and any("@zo_master" in n for n in saved)
+    assert all(torch.isfinite(t.float()).all() for t in saved.values())
+    with pytest.raises(ZolmError, match=r"not finite after step 1 .*no checkpoint was written yet"):
+        finetune(cfg(tiny_llama_dir, data_dir, tmp_path / "b", **dict(kw, lr=1e6)))
+    assert not (tmp_path / "b" / "checkpoint").exists()

@@ -227,7 +227,8 @@ def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Calla
                               {"status": "diverged", "message": str(e), **_summary(config, state)})
         where = (f"last good checkpoint: {out / 'checkpoint'} (step {_ckpt_step(out)})"
                  if (out / "checkpoint").exists() else "no checkpoint was written yet")
-        raise ZolmError(f"training diverged: {e}; stopped, {where}") from None
+        raise ZolmError(f"training diverged: {e}; stopped, {where} (resuming repeats the same steps: lower --lr "
+                        "and use --overwrite or another --out)") from None
     finally:
         bar.close()
         metrics.close()
