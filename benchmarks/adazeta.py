@@ -59,15 +59,15 @@ def run_config(args, task: str, method: str, steps: int, out: Path, eval_before:
                   q_alpha=args.q_alpha, q_beta=args.q_beta, q_max=args.q_max, q_target=args.q_target)
         kw.update(q_schedule="fixed", queries=args.fixed_q) if method == "adazeta-fixed" else kw.update(
             q_schedule="adaptive")
-    return FinetuneConfig(**kw)
+    return FinetuneConfig.of(**kw)
 
 
 def forwards_of(config, n_train: int) -> list[int]:
     """Cumulative example forwards after each step, exactly as the runner counts them."""
-    from zolm.train import adapter_options
     from zolm.train.batches import batch_indices
+    from zolm.train.build import query_schedule
 
-    sched = adapter_options.schedule(config) if config.method == "adazeta" else None
+    sched = query_schedule(config) if config.estimator.schedule == "adaptive" else None
     out, total = [], 0
     for s in range(1, config.steps + 1):
         q = sched(batch_indices(n_train, config.batch_size, config.seed, s)[1]) if sched else 1
@@ -91,8 +91,8 @@ def val_curve(run_dir: Path, items, milestones: list[int], cache: dict, key) -> 
 
     from zolm import models
     from zolm.eval.evaluate import candidate_scores
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import build_method
     from zolm.utils.io import read_jsonl
     from zolm.zo.replay import read_log, with_seeds
 
@@ -133,8 +133,9 @@ def memory_worker(mode: str, model_name: str, task: str, batch: int) -> dict:
     from zolm.data.encode import encode_all, training_batch
     from zolm.data.tasks import load_splits
     from zolm.eval.scoring import task_loss_sum
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import StepBatch, build_method
+    from zolm.train.methods import StepBatch
 
     model, tok = models.load(model_name)
     split = load_splits(task, DATA, batch, 0, 0, 0)
@@ -147,7 +148,7 @@ def memory_worker(mode: str, model_name: str, task: str, batch: int) -> dict:
         trainable = 0
     else:
         method_name, extra = {"adazeta-q4": ("adazeta", dict(q_schedule="fixed", queries=4))}.get(mode, (mode, {}))
-        config = FinetuneConfig(out="x", model=model_name, method=method_name, batch_size=batch, **extra)
+        config = FinetuneConfig.of(out="x", model=model_name, method=method_name, batch_size=batch, **extra)
         method = build_method(model, config)
         trainable = sum(p.numel() for p in method.trainable.values())
 
@@ -175,15 +176,15 @@ def _alignment(model_name: str, method: str, task: str, batch: int, max_q: int) 
     from zolm.data.encode import encode_all, training_batch
     from zolm.data.tasks import load_splits
     from zolm.eval.scoring import task_loss
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import build_method
     from zolm.zo.rng import derive_seed, draw, tensor_key
     from zolm.zo.spsa import spsa_projected_grad
 
     model, tok = models.load(model_name)
     split = load_splits(task, DATA, batch, 0, 0, 0)
     b = training_batch(encode_all(tok, split.train, 1024), split.task.kind, tok.pad_token_id)
-    config = FinetuneConfig(out="x", model=model_name, method=method, batch_size=batch)
+    config = FinetuneConfig.of(out="x", model=model_name, method=method, batch_size=batch)
     params = build_method(model, config).params
     model.eval()
     for p in params.params:
@@ -201,9 +202,9 @@ def _alignment(model_name: str, method: str, task: str, batch: int, max_q: int) 
     cos = {}
     for q in range(max_q):
         seed = derive_seed(4321, q)
-        mu, _, _ = spsa_projected_grad(loss_fn, params, seed, config.eps, config.sampler)
+        mu, _, _ = spsa_projected_grad(loss_fn, params, seed, config.estimator.eps, config.estimator.sampler)
         for i, (p, e) in enumerate(zip(params.params, est)):
-            e.add_(draw(p.numel(), tensor_key(seed, i), config.sampler).view_as(p), alpha=mu)
+            e.add_(draw(p.numel(), tensor_key(seed, i), config.estimator.sampler).view_as(p), alpha=mu)
         if (q + 1) & q == 0:  # Q = 1, 2, 4, 8, ...
             dot = sum((e.double() * g.double()).sum() for e, g in zip(est, grads))
             enorm = torch.sqrt(sum((e.double() ** 2).sum() for e in est))
@@ -333,7 +334,7 @@ def main() -> None:
                 r["acc_before"] for m, r in results[task].items() if FAMILY[m] == FAMILY[method])
             results[task][method] = {
                 "steps": steps, "forward_passes": res["forward_passes"], "trainable_params": trainable,
-                "lr": config.lr, "eps": config.eps, "mean_queries": sum(queries) / len(queries),
+                "lr": config.optim.lr, "eps": config.estimator.eps, "mean_queries": sum(queries) / len(queries),
                 "max_queries": max(queries), "acc_before": acc_before,
                 "acc_after": res["after"].get("accuracy"), "train_time_s": res["train_time_s"], "curve": curve,
                 "run_dir": str(run_dir)}

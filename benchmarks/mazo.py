@@ -55,7 +55,7 @@ def worker_train(cfg: dict) -> dict:
     from zolm.train.loop import finetune
 
     reset_peak()
-    res = finetune(FinetuneConfig(**cfg), overwrite=True)
+    res = finetune(FinetuneConfig.of(**cfg), overwrite=True)
     out = {"before": res["before"], "after": res["after"], "best_dev": res["best_dev"], "steps": res["steps"],
            "selected_step": res["selected_step"], "forward_passes": res["forward_passes"],
            "train_time_s": res["train_time_s"], "run_peak_mib": round(peak_mib())}
@@ -75,10 +75,11 @@ def _setup(cfg: dict):
     from zolm.data.encode import encode_all, training_batch
     from zolm.data.tasks import load_splits
     from zolm.train.batches import Mixture
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import StepBatch, build_method
+    from zolm.train.methods import StepBatch
 
-    config = FinetuneConfig(**cfg)
+    config = FinetuneConfig.of(**cfg)
     model, tok = models.load(config.model)
     splits = [load_splits(t, config.data_dir, config.num_train, config.num_dev, config.num_test, config.data_seed)
               for t in config.tasks]
@@ -96,8 +97,8 @@ def worker_variance(cfgs: dict, seeds: int) -> dict:
 
     from zolm.eval.scoring import task_loss_sum
     from zolm.masks.variance import estimator_stats, projected_grads
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import build_method
     from zolm.zo.rng import unpack_mask
     from zolm.zo.spsa import ParamSet
 
@@ -121,7 +122,7 @@ def worker_variance(cfgs: dict, seeds: int) -> dict:
     for method, cfg in cfgs.items():
         if method in ("mezo", "fo-adamw"):
             continue
-        m = build_method(model, FinetuneConfig(**cfg), run_dir=Path(cfg["out"]))
+        m = build_method(model, FinetuneConfig.of(**cfg), run_dir=Path(cfg["out"]))
         masked[method] = m
         if "mezo (maskable weights, no mask)" not in table:
             plain = ParamSet(model, include=[f"^{re.escape(n)}$" for n in m.params.names])

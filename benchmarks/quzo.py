@@ -46,7 +46,7 @@ def train(task: str, name: str, steps: int, args, out: Path) -> dict:
 
     method, extra = RUNS[name]
     lr = args.fo_lr if method == "fo-ste" else args.lr
-    cfg = FinetuneConfig(out=str(out), model=args.model, task=task, data_dir=str(DATA), method=method, lr=lr,
+    cfg = FinetuneConfig.of(out=str(out), model=args.model, task=task, data_dir=str(DATA), method=method, lr=lr,
                          steps=steps, batch_size=args.batch_size, num_dev=args.num_dev, num_test=args.num_test,
                          eval_every=max(1, steps // 2), eval_batch_size=32, **extra)
     t = time.perf_counter()
@@ -61,11 +61,12 @@ def memory_worker(name: str, model_name: str, batch: int) -> dict:
     from zolm import models
     from zolm.data.encode import encode_all, training_batch
     from zolm.data.tasks import load_splits
+    from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
-    from zolm.train.methods import StepBatch, build_method
+    from zolm.train.methods import StepBatch
 
     method, extra = RUNS[name]
-    cfg = FinetuneConfig(out="unused", model=model_name, method=method, **extra)
+    cfg = FinetuneConfig.of(out="unused", model=model_name, method=method, **extra)
     model, tok = models.load(model_name)
     splits = load_splits("sst2", DATA, num_train=batch, num_dev=0, num_test=0)
     b = training_batch(encode_all(tok, splits.train), "classification", tok.pad_token_id)
@@ -133,7 +134,7 @@ def main() -> None:
         from zolm.quant import quantize_
 
         model, tok = models.load(args.model)
-        quantize_(model, FinetuneConfig(out="unused", method="quzo", bits=4).quant_config())
+        quantize_(model, FinetuneConfig.of(out="unused", method="quzo", bits=4).quant_config())
         models.save(model, tok, Path(qdir) / "int4")
         del model
         memory = {name: run_worker(__file__, name, src, str(args.batch_size))

@@ -72,7 +72,7 @@ def test_compressed_pruned_folders_refuse_plain_transformers(tiny_llama_dir, tmp
 
 
 def _run(tiny_llama_dir, data_dir, out: Path, method: str, **kw) -> Path:
-    finetune(FinetuneConfig(out=str(out), model=tiny_llama_dir, task="sst2", data_dir=data_dir, method=method,
+    finetune(FinetuneConfig.of(out=str(out), model=tiny_llama_dir, task="sst2", data_dir=data_dir, method=method,
                             steps=2, batch_size=4, num_train=8, num_dev=4, num_test=4, eval_every=0,
                             eval_batch_size=4, lr=1e-3, **kw))
     return out

@@ -31,7 +31,7 @@ def _cfg(model_dir, data_dir, out, **kw) -> FinetuneConfig:
     base = dict(out=str(out), model=model_dir, task="sst2", data_dir=data_dir, method="mezo", lr=1e-3, steps=2,
                 batch_size=8, num_train=16, num_dev=4, num_test=6, eval_every=0, eval_batch_size=4, device="cuda")
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def test_model_loads_on_cuda(tiny_llama_dir):

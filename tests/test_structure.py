@@ -71,3 +71,45 @@ def test_import_zolm_is_lean():
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"`import zolm` pulled in: {out.stdout.strip()}"
+
+
+def _module_deps(path: Path) -> set[str]:
+    """zolm modules ``path`` imports, at any depth (lazy imports inside functions too): ``from pkg import name``
+    counts as importing ``pkg.name`` when that is a module."""
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in MODULES else node.module)
+    return {m for m in out if m in MODULES}
+
+
+MODULES = {module_name(p): p for p in FILES}
+
+
+def test_no_import_circle():
+    """No chain of imports (lazy ones included) leads from a module back to itself; a package's __init__
+    importing its own submodules is not a circle unless a submodule imports the package back."""
+    graph = {m: _module_deps(p) - {m} for m, p in MODULES.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)

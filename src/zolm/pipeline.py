@@ -39,6 +39,18 @@ from zolm.utils.sparse import unpack_mask
 
 STAGES = ("prune", "quantize", "finetune", "eval")
 PRUNE_DATA_KEYS = ("calib", "nsamples", "seqlen", "seed")
+
+
+@dataclass
+class ReportOptions:
+    """What every stage's report measures (recipe key ``report``; checked when the recipe is read)."""
+
+    tasks: list[str] = field(default_factory=list)  # accuracy on each task's test split
+    num_test: int = 500
+    batch_size: int | None = None
+    perplexity: str | None = None  # "wikitext2" or a text file
+    seq_len: int = 512
+    max_windows: int | None = None
 QUANT_KEYS = ("bits", "format", "fp8_variant", "group_size", "embed_bits", "act_bits", "fp16_scales")
 
 
@@ -65,13 +77,19 @@ class Recipe:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except Exception as e:  # noqa: BLE001 - one line whatever the parser says
             raise ZolmError(f"{path}: cannot parse recipe ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ZolmError(f"{path}: a recipe must be a mapping (model, out, stages, ...), got {type(data).__name__}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         valid = {"model", "out", "stages", "data_dir", "report"}
         bad = sorted(set(data) - valid)
         if bad:
             raise ZolmError(f"{path}: unknown recipe key(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
-        if not data.get("out") or not data.get("stages"):
+        if not data.get("out") or not isinstance(data.get("stages"), list) or not data["stages"]:
             raise ZolmError(f"{path}: a recipe needs 'out' and a non-empty list of 'stages'")
+        for key, kind in (("model", str), ("out", str), ("data_dir", str), ("report", dict)):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                what = "a string" if kind is str else "a mapping"
+                raise ZolmError(f"{path}: {key} must be {what}, got {data[key]!r}")
         stages = []
         for i, entry in enumerate(data["stages"], start=1):
             if not isinstance(entry, dict) or len(entry) != 1:
@@ -79,23 +97,45 @@ class Recipe:
             (kind, opts), = entry.items()
             if kind not in STAGES:
                 raise unknown(f"stage type (stage {i})", kind, STAGES)
+            if opts is not None and not isinstance(opts, dict):
+                raise ZolmError(f"{path}: stage {i} ({kind}) options must be a mapping of keys to values, "
+                                f"got {opts!r}")
             stages.append((kind, dict(opts or {})))
+        from zolm.utils.configs import build
+
+        build(ReportOptions, data.get("report") or {}, f"{path}: report")
         recipe = cls(model=data.get("model", "smollm2-135m"), out=str(data["out"]), stages=stages,
                      data_dir=data.get("data_dir"), report=dict(data.get("report") or {}))
-        for kind, opts in recipe.stages:  # every stage's options fail here, before any work
+        for i, (kind, opts) in enumerate(recipe.stages, start=1):  # every stage's options fail here, before any work
+            where = f"{path}: stage {i} ({kind})"
             if kind == "prune":
-                _prune_config(opts)
+                _prune_config(opts, where)
             elif kind == "quantize":
-                FinetuneConfig(out="x", method="quzo", **{k: v for k, v in opts.items()}).quant_config()
+                quant_options(opts, where).quant_config()
             elif kind == "finetune":
-                FinetuneConfig.from_dict({"out": "x", **opts})
+                FinetuneConfig.from_dict({"out": "x", **opts}, where=where)
         return recipe
 
 
-def _prune_config(opts: dict):
-    from zolm.prune.api import PruneConfig
+def quant_options(opts: dict, where: str):
+    """The quantize stage's options as a low-bit BaseWeights (types and keys checked)."""
+    from zolm.train.parts import BaseWeights
+    from zolm.utils.configs import build
 
-    return PruneConfig(**{k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS})
+    return build(BaseWeights, {"kind": "low-bit", **opts}, where)
+
+
+def _prune_config(opts: dict, where: str = "prune stage"):
+    """The prune stage's PruneConfig (keys and types checked; calibration-data keys are the stage's own)."""
+    from zolm.prune.api import PruneConfig
+    from zolm.utils.configs import build
+
+    data_keys = {k: v for k, v in opts.items() if k in PRUNE_DATA_KEYS}
+    for key, kind in (("nsamples", int), ("seqlen", int), ("seed", int), ("calib", str)):
+        if key in data_keys and not (isinstance(data_keys[key], kind) and not isinstance(data_keys[key], bool)):
+            raise ZolmError(f"{where}: {key}: expected {'an integer' if kind is int else 'a string'}, "
+                            f"got {data_keys[key]!r}")
+    return build(PruneConfig, {k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS}, where)
 
 
 def _key(*parts: Any) -> str:
@@ -176,9 +216,7 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         return str(sdir / "model"), details
     if kind == "quantize":
         from zolm.quant.linear import quantize_
-        from zolm.train.config import FinetuneConfig
-
-        qc = FinetuneConfig(out="x", method="quzo", **opts).quant_config()
+        qc = quant_options(opts, "quantize stage").quant_config()
         model, tok = models.load(src)
         quantize_(model, qc)
         models.save(model, tok, sdir / "model")

@@ -109,8 +109,8 @@ def test_initialisation_is_xavier_like_and_seeded():
 
 def test_adapter_change_scales_with_s_and_vanishes_at_zero():
     x = torch.randn(5, 576)
-    outs = {s: TTAdapter([8, 8, 9], [4, 4, 4], 5, scaling=s, generator=torch.Generator().manual_seed(0))(x)
-            for s in (0.0, 0.5, 1.0)}
+    outs = {s: TTAdapter([8, 8, 9], [4, 4, 4], 5, scaling=s, generator=torch.Generator().manual_seed(0),
+                         init="reference")(x) for s in (0.0, 0.5, 1.0)}
     assert torch.equal(outs[0.0], x)
     torch.testing.assert_close(outs[1.0] - x, 2 * (outs[0.5] - x), rtol=1e-5, atol=1e-6)
 
@@ -135,3 +135,19 @@ def test_bad_layer_arguments():
         TTLinear([2, 3], [3, 2], 2)(torch.randn(2, 5))
     with pytest.raises(ZolmError, match="unknown adapter activation 'tanh'"):
         TTAdapter([2, 3], [2, 2], 2, activation="tanh")
+
+
+def test_default_init_starts_as_the_identity_and_draws_what_the_reference_draws():
+    """zero-up (zolm's default, docs/adazeta.md): TT_up's last core and bias are zero, so Adapter(x) = x exactly at
+    any hidden size; every other tensor equals the reference initialisation from the same generator."""
+    x = torch.randn(7, 576)
+    zero = TTAdapter([8, 8, 9], [4, 4, 4], 5, generator=torch.Generator().manual_seed(3))
+    ref = TTAdapter([8, 8, 9], [4, 4, 4], 5, generator=torch.Generator().manual_seed(3), init="reference")
+    assert torch.equal(zero(x), x) and not torch.equal(ref(x), x)
+    for (name, a), b in zip(zero.named_parameters(), ref.parameters()):
+        if name in ("up.core_5", "up.bias"):
+            assert not a.any() and b.any()
+        else:
+            assert torch.equal(a, b), name
+    with pytest.raises(ZolmError, match="unknown adapter init 'xavier'"):
+        TTAdapter([2, 3], [2, 2], 2, init="xavier")

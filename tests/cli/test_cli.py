@@ -68,7 +68,7 @@ def bad_jsonl(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["finetune", "--task", "nope", "--out", "{tmp}/o"], "unknown task 'nope'; valid: arc_challenge, arc_easy, boolq"),
-    (["finetune", "--method", "adam", "--out", "{tmp}/o"], "unknown method 'adam'; valid: adazeta, fo-adamw"),
+    (["finetune", "--method", "adam", "--out", "{tmp}/o"], "unknown method 'adam'; valid: adazeta, adazeta-int4"),
     (["finetune", "--data-dir", "{tmp}/missing", "--out", "{tmp}/o"], "data directory not found"),
     (["finetune", "--data-dir", "{bad}", "--out", "{tmp}/o"], "sst2/train.jsonl:2: malformed JSON line"),
     (["finetune", "--model", "{tmp}/no-model", "--out", "{tmp}/o"], "no such model directory"),

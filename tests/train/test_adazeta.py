@@ -13,10 +13,10 @@ from zolm.adapters import is_adapter_dir, load_model_with_adapters
 from zolm.data.encode import encode_all, training_batch
 from zolm.data.tasks import load_splits
 from zolm.errors import ZolmError
-from zolm.train import adapter_options
+from zolm.train.build import build_method, query_schedule
 from zolm.train.config import FinetuneConfig
 from zolm.train.loop import finetune
-from zolm.train.methods import StepBatch, build_method
+from zolm.train.methods import StepBatch
 from zolm.train.replay import replay
 from zolm.zo.adazeta import QuerySchedule, fit_beta, queries_at
 
@@ -34,7 +34,7 @@ def test_schedule_reproduces_the_worked_example_of_the_spec():
     assert q[:4] == [1, 1, 1, 1] and q[100] == 14 and set(q[101:]) == {15}
     assert q == sorted(q)
     # the same through a run config; zolm's epoch is (step - 1) // (1000 // 16) = 62 steps
-    sched = adapter_options.schedule(FinetuneConfig(out="x", method="adazeta", steps=10_000, num_train=1000, q_max=15))
+    sched = query_schedule(FinetuneConfig.of(out="x", method="adazeta", steps=10_000, num_train=1000, q_max=15))
     assert sched.beta == pytest.approx(beta)
     mean_q = sum(sched((s - 1) // 62) for s in range(1, 10_001)) / 10_000
     assert mean_q == pytest.approx(11.0, abs=0.05)  # "~11x MeZO's forward passes for the same steps"
@@ -51,19 +51,20 @@ def test_schedule_respects_q_max_and_never_drops_below_one(alpha, beta, q_max):
 
 def test_schedule_and_adapter_options_are_validated():
     with pytest.raises(ZolmError, match="unknown q_schedule 'linear'; valid: adaptive, fixed"):
-        FinetuneConfig(out="x", method="adazeta", q_schedule="linear")
+        FinetuneConfig.of(out="x", method="adazeta", q_schedule="linear")
     with pytest.raises(ZolmError, match="q_max must be >= 1"):
-        FinetuneConfig(out="x", method="adazeta", q_max=0)
+        FinetuneConfig.of(out="x", method="adazeta", q_max=0)
     with pytest.raises(ZolmError, match="q_alpha must be a positive number"):
-        FinetuneConfig(out="x", method="adazeta", q_alpha=-1.0)
+        FinetuneConfig.of(out="x", method="adazeta", q_alpha=-1.0)
     with pytest.raises(ZolmError, match="unknown tt_activation 'gelu'"):
-        FinetuneConfig(out="x", method="adazeta", tt_activation="gelu")
+        FinetuneConfig.of(out="x", method="adazeta", tt_activation="gelu")
     with pytest.raises(ZolmError, match="tt_placement entry 'fc1' must look like"):
-        FinetuneConfig(out="x", method="adazeta", tt_placement=["fc1"])
-    with pytest.raises(ZolmError, match="--train-params does not apply to adazeta"):
-        FinetuneConfig(out="x", method="adazeta", train_params=["q_proj"])
-    assert FinetuneConfig(out="x", method="mezo-lora").eps == 1e-2
-    assert FinetuneConfig(out="x", method="adazeta").eps == 1e-3 == FinetuneConfig(out="x").eps
+        FinetuneConfig.of(out="x", method="adazeta", tt_placement=["fc1"])
+    with pytest.raises(ZolmError, match="--train-params does not apply to trainable tt"):
+        FinetuneConfig.of(out="x", method="adazeta", train_params=["q_proj"])
+    assert FinetuneConfig.of(out="x", method="mezo-lora").estimator.eps == 1e-2
+    assert FinetuneConfig.of(out="x", method="adazeta").estimator.eps == 1e-3
+    assert FinetuneConfig.of(out="x").estimator.eps == 1e-3
 
 
 # ------------------------------------------------------------------------------------------ ZO on adapters
@@ -82,13 +83,13 @@ def test_zo_on_tt_adapters_lowers_the_loss_and_leaves_the_base_untouched(request
     model_dir = request.getfixturevalue(fixture)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = FinetuneConfig(out="x", model=model_dir, method="adazeta", lr=0.1, eps=1e-2, q_schedule="fixed",
+    config = FinetuneConfig.of(out="x", model=model_dir, method="adazeta", lr=0.1, eps=1e-2, q_schedule="fixed",
                             queries=2, tt_rank=2, tt_bottleneck=8)
     method = build_method(model, config)
     batch = _batch(model_dir, data_dir)
     start = method.loss_fn(batch)()
     for step in range(1, 16):
-        method.step(batch, step, config.lr)
+        method.step(batch, step, config.optim.lr)
     assert method.loss_fn(batch)() < start - 0.03
     assert method.forwards_per_step == 4
     names = dict(method.model.named_parameters())
@@ -131,7 +132,7 @@ def test_each_adapter_method_runs_end_to_end(request, fixture, data_dir, tmp_pat
         orig = AutoModelForCausalLM.from_pretrained(model_dir)
         changed = [n for (n, a), b in zip(orig.named_parameters(), tuned.parameters()) if not torch.equal(a, b)]
         assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
-        assert json.loads((out / "run_config.json").read_text())["eps"] == 1e-2
+        assert json.loads((out / "run_config.json").read_text())["estimator"]["eps"] == 1e-2
     else:  # TT adapters: ReLU, so out/model is an adapter directory on the base model
         assert is_adapter_dir(out / "adapter") and is_adapter_dir(out / "model")
         assert not (out / "model" / "config.json").exists()
@@ -189,5 +190,6 @@ def test_cli_builds_adapter_flags():
     args = parser.parse_args(["finetune", "--out", "o", "--method", "adazeta", "--tt-rank", "3", "--tt-placement",
                               "gate_proj:input", "down_proj:output", "--q-schedule", "fixed", "--no-tt-bias"])
     c = cli.config_from_args(args)
-    assert (c.tt_rank, c.tt_placement, c.q_schedule, c.tt_bias) == (3, ["gate_proj:input", "down_proj:output"],
+    tt = c.train.tt
+    assert (tt.rank, tt.placement, c.estimator.schedule, tt.bias) == (3, ["gate_proj:input", "down_proj:output"],
                                                                    "fixed", False)

@@ -48,7 +48,7 @@ def _cfg(model_dir, data_dir, out, method, **kw) -> FinetuneConfig:
                 num_train=16, num_dev=4, num_test=4, eval_every=0, eval_batch_size=4, eval_before=False,
                 mazo_calib_examples=8, mazo_calib_batch_size=4, tt_rank=2, tt_bottleneck=8, q_schedule="fixed")
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def _replay(out: Path) -> list[dict]:

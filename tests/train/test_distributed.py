@@ -17,7 +17,7 @@ def _cfg(model_dir, data_dir, out, **kw):
     base = dict(out=str(out), model=model_dir, task="sst2", data_dir=data_dir, method="mezo", lr=1e-3, steps=3,
                 batch_size=8, num_train=16, num_dev=4, num_test=6, eval_every=0, eval_batch_size=4)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def _weights(out):
@@ -33,9 +33,8 @@ def test_two_workers_match_one_worker(tiny_llama_dir, data_dir, tmp_path):
     finetune(one)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "zolm",
             "finetune"]
-    for k, v in _cfg(tiny_llama_dir, data_dir, tmp_path / "two").to_dict().items():
-        if v is not None and not isinstance(v, list | bool):
-            argv += ["--" + k.replace("_", "-"), str(v)]
+    (tmp_path / "two.json").write_text(json.dumps(_cfg(tiny_llama_dir, data_dir, tmp_path / "two").to_dict()))
+    argv += ["--config", str(tmp_path / "two.json")]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", ZOLM_NO_PROGRESS="1")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ def cfg(model_dir, data_dir, out, **kw) -> FinetuneConfig:
     base = dict(out=str(out), model=model_dir, task="sst2", data_dir=data_dir, steps=4, batch_size=4,
                 num_train=16, num_dev=4, num_test=6, eval_every=2, eval_batch_size=4)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def weights(out) -> dict[str, torch.Tensor]:
@@ -123,30 +123,30 @@ def test_run_directory_guards(tiny_llama_dir, data_dir, tmp_path):
     with pytest.raises(ZolmError, match="exists and is not empty; use --overwrite"):
         finetune(cfg(tiny_llama_dir, data_dir, out))
     finetune(cfg(tiny_llama_dir, data_dir, out, steps=2), overwrite=True)
-    with pytest.raises(ZolmError, match=r"another config \(differs in: lr\)"):
+    with pytest.raises(ZolmError, match=r"another config \(differs in: optim.lr\)"):
         finetune(cfg(tiny_llama_dir, data_dir, out, steps=2, lr=0.5))
 
 
 def test_config_validation():
-    valid = ("adazeta, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mazo, mezo, mezo-lora, mezo-magnitude-mask, "
-             "mezo-random-mask, quant-mezo, quzo")
+    valid = ("adazeta, adazeta-int4, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mazo, mezo, mezo-lora, "
+             "mezo-magnitude-mask, mezo-random-mask, quant-mezo, quzo, quzo-lora")
     with pytest.raises(ZolmError, match=f"unknown method 'sgd'; valid: {valid}"):
-        FinetuneConfig(out="x", method="sgd")
+        FinetuneConfig.of(out="x", method="sgd")
     with pytest.raises(ZolmError, match="steps must be >= 1"):
-        FinetuneConfig(out="x", steps=0)
+        FinetuneConfig.of(out="x", steps=0)
     with pytest.raises(ZolmError, match="lr must be a positive number"):
-        FinetuneConfig(out="x", lr=-1.0)
-    with pytest.raises(ZolmError, match="unknown config key\\(s\\) learning_rate; valid: .*lr"):
+        FinetuneConfig.of(out="x", lr=-1.0)
+    with pytest.raises(ZolmError, match="unknown key 'learning_rate'; valid: .*lr"):
         FinetuneConfig.from_dict({"learning_rate": 1.0})
-    assert FinetuneConfig(out="x", method="fo-adamw").lr == 1e-5
+    assert FinetuneConfig.of(out="x", method="fo-adamw").optim.lr == 1e-5
 
 
 def test_config_files(tmp_path):
     (tmp_path / "c.yaml").write_text("task: rte\nmethod: mezo\nlr: 2.0e-6\n")
     c = FinetuneConfig.from_file(tmp_path / "c.yaml", out="o", lr=None, steps=7)
-    assert (c.task, c.lr, c.steps) == ("rte", 2e-6, 7)
+    assert (c.task, c.optim.lr, c.steps) == ("rte", 2e-6, 7)
     (tmp_path / "c.json").write_text('{"task": "cb", "queries": 2}')
-    assert FinetuneConfig.from_file(tmp_path / "c.json", out="o").queries == 2
+    assert FinetuneConfig.from_file(tmp_path / "c.json", out="o").estimator.queries == 2
     (tmp_path / "bad.yaml").write_text("task: [unclosed\n")
     with pytest.raises(ZolmError, match="bad.yaml: cannot parse config"):
         FinetuneConfig.from_file(tmp_path / "bad.yaml")

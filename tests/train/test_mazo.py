@@ -11,9 +11,9 @@ from zolm import models
 from zolm.errors import ZolmError
 from zolm.masks.build import MASKABLE, maskable_weights
 from zolm.masks.multitask import MASK_FILE, META_FILE, check_rows, load_masks
+from zolm.train.build import build_method
 from zolm.train.config import FinetuneConfig
 from zolm.train.loop import finetune
-from zolm.train.methods import build_method
 from zolm.train.replay import replay
 
 MASKED = ["mazo", "mezo-random-mask", "mezo-magnitude-mask"]
@@ -24,7 +24,7 @@ def cfg(model_dir, data_dir, out, **kw) -> FinetuneConfig:
                 steps=4, batch_size=6, num_train=12, num_dev=3, num_test=4, eval_every=2, eval_batch_size=4,
                 mask_ratio=0.1, mazo_calib_examples=8, mazo_calib_batch_size=4)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def saved(out) -> dict[str, torch.Tensor]:
@@ -129,7 +129,7 @@ def test_opt_models_have_maskable_weights(tiny_opt_dir, data_dir, tmp_path):
     ({"mask_ratio": 0.0}, r"mask_ratio must be in \(0, 1\], got 0.0"),
     ({"mask_ratio": 1.5}, r"mask_ratio must be in \(0, 1\], got 1.5"),
     ({"mask_ratio": float("nan")}, r"mask_ratio must be in \(0, 1\], got nan"),
-    ({"mazo_alpha": -1.0}, "mazo_alpha must be a finite number >= 0"),
+    ({"mazo_alpha": -1.0}, "mazo_alpha must be >= 0"),
     ({"mazo_curvature": "hessian"}, "unknown mazo_curvature 'hessian'; valid: activation, fisher"),
     ({"mazo_calib_examples": 0}, "mazo_calib_examples must be >= 1"),
     ({"method": "maso"}, "unknown method 'maso'"

@@ -38,16 +38,16 @@ def test_allocation_sums_to_the_batch():
 
 def test_bad_weights_are_clear_errors():
     with pytest.raises(ZolmError, match="task_weights has 1 values for 2 tasks"):
-        FinetuneConfig(out="o", task="sst2,rte", task_weights=[1.0])
+        FinetuneConfig.of(out="o", task="sst2,rte", task_weights=[1.0])
     with pytest.raises(ZolmError, match="distinct tasks"):
-        FinetuneConfig(out="o", task="sst2,sst2")
+        FinetuneConfig.of(out="o", task="sst2,sst2")
     with pytest.raises(ZolmError, match="non-negative"):
         Mixture([3, 3], 4, 0, weights=[1.0, -1.0])
 
 
 @pytest.mark.parametrize("method", ["mezo", "fo-adamw"])
 def test_multitask_run_reports_each_task_and_the_average(tiny_llama_dir, data_dir, tmp_path, method):
-    cfg = FinetuneConfig(out=str(tmp_path / "mt"), model=tiny_llama_dir, task="sst2,rte,copa", data_dir=data_dir,
+    cfg = FinetuneConfig.of(out=str(tmp_path / "mt"), model=tiny_llama_dir, task="sst2,rte,copa", data_dir=data_dir,
                          method=method, lr=1e-3, steps=4, batch_size=6, num_train=12, num_dev=3, num_test=4,
                          eval_every=2, eval_batch_size=4)
     results = finetune(cfg)

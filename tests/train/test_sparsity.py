@@ -34,7 +34,7 @@ def _zeros(path) -> dict[str, torch.Tensor]:
 def test_fine_tuning_keeps_the_pruned_zeros(pruned_dir, data_dir, tmp_path, method, lr):
     before = _zeros(f"{pruned_dir}/model.safetensors")
     assert all(z.float().mean() >= 0.5 for z in before.values())
-    cfg = FinetuneConfig(out=str(tmp_path / "run"), model=pruned_dir, task="sst2", data_dir=data_dir, method=method,
+    cfg = FinetuneConfig.of(out=str(tmp_path / "run"), model=pruned_dir, task="sst2", data_dir=data_dir, method=method,
                          lr=lr, steps=4, batch_size=4, num_train=16, num_dev=4, num_test=4, eval_every=0,
                          weight_decay=0.1 if method != "fo-lora" else 0.0)
     finetune(cfg)
@@ -66,7 +66,7 @@ def test_quzo_on_a_pruned_model_keeps_its_zeros_on_the_grid(pruned_dir, data_dir
     from zolm.quant.primitives import unpack_int4
 
     before = _zeros(f"{pruned_dir}/model.safetensors")
-    cfg = FinetuneConfig(out=str(tmp_path / "run"), model=pruned_dir, task="sst2", data_dir=data_dir, method="quzo",
+    cfg = FinetuneConfig.of(out=str(tmp_path / "run"), model=pruned_dir, task="sst2", data_dir=data_dir, method="quzo",
                          bits=bits, group_size=16 if bits == 4 else None, lr=5e-2, steps=4, batch_size=4,
                          num_train=16, num_dev=4, num_test=4, eval_every=0)
     finetune(cfg)

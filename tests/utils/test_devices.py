@@ -70,15 +70,15 @@ def test_index_past_the_last_gpu(fake_gpus, torchrun):
 
 def test_training_loop_places_each_worker(fake_gpus, torchrun):
     torchrun(local_rank=1)
-    assert placement(FinetuneConfig(device="cuda")) == torch.device("cuda", 1)
+    assert placement(FinetuneConfig.of(device="cuda")) == torch.device("cuda", 1)
     assert fake_gpus == [torch.device("cuda", 1)], "the worker's GPU becomes the current device"
     with pytest.raises(ZolmError, match="device_map .* cannot be combined with torchrun"):
-        placement(FinetuneConfig(device_map="auto"))
+        placement(FinetuneConfig.of(device_map="auto"))
 
 
 def test_cpu_workers_never_touch_cuda(fake_gpus, torchrun):
     torchrun(local_rank=1)
-    assert placement(FinetuneConfig(device="cpu")) == torch.device("cpu")
+    assert placement(FinetuneConfig.of(device="cpu")) == torch.device("cpu")
     assert fake_gpus == []
 
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from zolm.adapters.tt import ACTIVATIONS, TTAdapter, factorize
+from zolm.adapters.tt import ACTIVATIONS, INITS, TTAdapter, factorize
 from zolm.blocks import is_linear, out_in, tt_placement
 from zolm.errors import ZolmError
+from zolm.quant.linear import QuantLinear
 
 ADAPTER_PATTERN = r"\.tt_adapter\."  # a regular expression matching every adapter parameter name
 SIDES = ("input", "output")
@@ -49,6 +50,7 @@ class TTAdapterConfig:
         hidden_modes: explicit factorisation of the hidden side (default: :func:`factorize`).
         bottleneck_modes: explicit factorisation of the bottleneck (default: :func:`factorize`).
         seed: seed of the initialisation (same seed, same adapters).
+        init: "zero-up" (the adapter starts as the identity) or "reference" (AdaZeta's code); see TTAdapter.
     """
 
     rank: int = 5
@@ -61,6 +63,7 @@ class TTAdapterConfig:
     hidden_modes: list[int] | None = None
     bottleneck_modes: list[int] | None = None
     seed: int = 0
+    init: str = "zero-up"
 
     def __post_init__(self) -> None:
         for name in ("rank", "bottleneck", "modes"):
@@ -68,6 +71,8 @@ class TTAdapterConfig:
                 raise ZolmError(f"TT adapter {name} must be >= 1, got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
             raise ZolmError(f"unknown adapter activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if self.init not in INITS:
+            raise ZolmError(f"unknown adapter init {self.init!r}; valid: {', '.join(INITS)}")
         if not math.isfinite(self.scaling):
             raise ZolmError(f"adapter scaling must be a finite number, got {self.scaling}")
         for entry in self.placement:
@@ -123,6 +128,14 @@ def default_placement(model: nn.Module) -> list[str]:
                     "layers); give the placement as 'module_pattern:input|output' entries")
 
 
+def features(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an nn.Linear, a GPT-2 Conv1D (weight ``[in, out]``) or a QuantLinear."""
+    if isinstance(layer, QuantLinear):
+        return layer.out_features, layer.in_features
+    out_f, in_f = out_in(layer).shape
+    return out_f, in_f
+
+
 class TTAdapterLinear(nn.Module):
     """A linear layer with a TT adapter on its input or its output; ``base_layer`` is left untouched."""
 
@@ -133,7 +146,7 @@ class TTAdapterLinear(nn.Module):
         if side not in SIDES:
             raise ZolmError(f"adapter side must be one of {', '.join(SIDES)}, got {side!r}")
         self.base_layer, self.side, self.tt_adapter = base_layer, side, adapter
-        self.out_features, self.in_features = out_in(base_layer).shape  # nn.Linear or GPT-2 Conv1D
+        self.out_features, self.in_features = features(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -198,9 +211,9 @@ def find_targets(model: nn.Module, placement: list[str],
             continue
         if isinstance(module, TTAdapterLinear):
             raise ZolmError(f"{name} already has a TT adapter")
-        if not is_linear(module):
+        if not (is_linear(module) or isinstance(module, QuantLinear)):
             raise ZolmError(f"adapter placement selects {name}, a {type(module).__name__}; TT adapters wrap "
-                            "nn.Linear and Conv1D layers only")
+                            "nn.Linear, Conv1D (or zolm QuantLinear) layers only")
         out.append((name, side))
     if not out:
         raise ZolmError(f"adapter placement {placement} matches no module of {type(model).__name__}")
@@ -223,7 +236,7 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
     shapes = {}
     for name, side in targets:  # validate every shape before touching the model
         base = model.get_submodule(name)
-        out_f, in_f = out_in(base).shape
+        out_f, in_f = features(base)
         shapes[name] = config.modes_for(in_f if side == "input" else out_f)
     gen = torch.Generator().manual_seed(config.seed)
     for p in model.parameters():
@@ -231,8 +244,10 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
     for name, side in targets:
         base = model.get_submodule(name)
         hidden, bottleneck = shapes[name]
-        adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen)
-        _set(model, name, TTAdapterLinear(base, side, adapter.to(device=base.weight.device)))
+        adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen,
+                            config.init)
+        device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
+        _set(model, name, TTAdapterLinear(base, side, adapter.to(device=device)))
     model.zolm_adapter_config = copy.deepcopy(config)
     model.zolm_adapter_config.placement = list(placement)
     return [n for n, _ in targets]

@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters
+from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters, features
 from zolm.adapters.tt import TTAdapter
-from zolm.blocks import is_linear, out_in
+from zolm.blocks import is_linear
 from zolm.errors import ZolmError
+from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir, atomic_write_json
 
 ADAPTER_TYPE = "zolm-tt"
@@ -103,10 +104,10 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     modules = dict(model.named_modules())
     for name, t in meta["targets"].items():
         base = modules.get(name)
-        if base is None or not is_linear(base):
+        if base is None or not (is_linear(base) or isinstance(base, QuantLinear)):
             raise ZolmError(f"{path} adapts {name}, which the model lacks (or is not a linear layer): wrong base "
                             f"model? (saved for {meta.get('base_model')!r})")
-        size = out_in(base).shape[1 if t["side"] == "input" else 0]
+        size = features(base)[1 if t["side"] == "input" else 0]
         if torch.Size(t["hidden_modes"]).numel() != size:
             raise ZolmError(f"{path} adapts {name} with {torch.Size(t['hidden_modes']).numel()} features, the "
                             f"model's layer has {size}: wrong base model?")
@@ -116,7 +117,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         base = model.get_submodule(name)
         adapter = TTAdapter(t["hidden_modes"], t["bottleneck_modes"], config.rank, config.activation,
                             config.scaling, config.bias)
-        _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=base.weight.device)))
+        device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
+        _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=device)))
     model.zolm_adapter_config = config
     saved = load_file(str(Path(path) / WEIGHTS_FILE))
     params = adapter_parameters(model)

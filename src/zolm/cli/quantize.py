@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-bits", type=int, default=8, help="embedding bits (4 or 8); 0 keeps it float")
     p.add_argument("--fp16-scales", choices=("auto", "on", "off"), default="auto",
                    help="round scales to float16 so GGUF Q4_0/Q8_0 exports are exact (auto: on for int groups of 32)")
+    p.add_argument("--clip", choices=("auto", "mse", "none"), default="auto",
+                   help="scale search: mse clips each group's range to minimise its error, none is absmax "
+                        "(auto: mse for int4)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
@@ -30,13 +33,13 @@ def _bytes(model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zolm.train.config import FinetuneConfig
+    from zolm.train.parts import BaseWeights
 
-    cfg = FinetuneConfig(out=args.out, method="quzo", bits=args.bits, format=args.format,
-                         fp8_variant=args.fp8_variant, group_size=args.group_size,
-                         embed_bits=args.embed_bits or None, act_bits=args.act_bits,  # validates before loading
-                         fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales])
-    qc = cfg.quant_config()
+    base = BaseWeights(kind="low-bit", bits=args.bits, format=args.format,  # validates before loading
+                       fp8_variant=args.fp8_variant, group_size=args.group_size, embed_bits=args.embed_bits or None,
+                       act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales],
+                       clip=None if args.clip == "auto" else args.clip)
+    qc = base.quant_config()
     from zolm.utils.outputs import check_output
 
     check_output(args.out, overwrite=args.overwrite, inputs=[args.model])

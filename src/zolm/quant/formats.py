@@ -19,6 +19,7 @@ from zolm.errors import ZolmError
 
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 INT_BITS = (4, 8)
+CLIPS = ("mse", "none")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,16 @@ class QuantFormat:
     fp8: str = "e4m3"
     group_size: int | None = None
     fp16_scales: bool | None = None  # None: on for int with group_size 32 (GGUF Q4_0 / Q8_0 blocks), else off
+    clip: str | None = None  # scale search: "mse" (clip each group's range to minimise its error) or "none"
+    # (absmax); None: "mse" for int4, "none" otherwise (zolm.quant.primitives.compute_scales)
 
     def __post_init__(self) -> None:
         if self.fp16_scales is None:
             object.__setattr__(self, "fp16_scales", self.kind == "int" and self.group_size == 32)
+        if self.clip is None:
+            object.__setattr__(self, "clip", "mse" if self.kind == "int" and self.bits == 4 else "none")
+        if self.clip not in CLIPS:
+            raise ZolmError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
         if self.kind not in ("int", "fp8"):
             raise ZolmError(f"unknown number format {self.kind!r}; valid: int, fp8")
         if self.kind == "int" and self.bits not in INT_BITS:

@@ -22,10 +22,14 @@ from zolm.utils.sparse import pack_mask, pruned_mask
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-tensor symmetric INT fake quantization of activations (dynamic absmax, round to nearest)."""
+    """Per-tensor symmetric INT fake quantization of activations (dynamic absmax, round to nearest); under autograd
+    the gradient passes straight through (the forward value is the same)."""
     qmax = 2 ** (bits - 1) - 1
     s = x.detach().abs().amax().clamp(min=1e-8) / qmax
-    return (x / s).round().clamp(-qmax - 1, qmax) * s
+    xq = (x / s).round().clamp(-qmax - 1, qmax) * s
+    if x.requires_grad:  # backprop (LoRA / adapters over a low-bit base): straight through the rounding
+        return x + (xq - x).detach()
+    return xq
 
 
 class QuantLinear(nn.Module):

@@ -26,16 +26,38 @@ def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(out, cols // g, g)
 
 
-def compute_scales(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Absmax scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0.
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # clipped range / absmax tried by clip "mse": 1 .. 0.5
 
-    With ``fmt.fp16_scales`` each scale is rounded to float16 (kept in float32): GGUF's block scale type.
-    """
-    amax = group_view(w.detach().float(), fmt.group_size).abs().amax(-1)
-    scale = amax / fmt.qmax
+
+def _scales(amax: torch.Tensor, fmt: QuantFormat, ratio: float = 1.0) -> torch.Tensor:
+    scale = amax * ratio / fmt.qmax
     if fmt.fp16_scales:
         scale = scale.clamp(max=torch.finfo(torch.float16).max).half().float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def compute_scales(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0.
+
+    ``fmt.clip == "none"``: absmax, s = max|w| / qmax. ``"mse"`` (INT only; the default for INT4): per group, the
+    clipping ratio r in CLIP_RATIOS whose scale r max|w| / qmax minimises sum (w - s clamp(round(w / s)))^2 (the
+    grid search of AWQ / llama.cpp's quantizers on the weight error; r = 1 is absmax, kept on ties). With
+    ``fmt.fp16_scales`` each scale is rounded to float16 (kept in float32) before its codes: GGUF's block scale.
+    """
+    g = group_view(w.detach().float(), fmt.group_size)
+    amax = g.abs().amax(-1)
+    best = _scales(amax, fmt)
+    if fmt.kind != "int" or fmt.clip != "mse":
+        return best
+    def err(s: torch.Tensor) -> torch.Tensor:  # noqa: E306
+        return ((g / s.unsqueeze(-1)).round().clamp(fmt.qmin, fmt.qmax) * s.unsqueeze(-1) - g).pow(2).sum(-1)
+    best_err = err(best)
+    for r in CLIP_RATIOS[1:]:
+        s = _scales(amax, fmt, r)
+        e = err(s)
+        better = e < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, e, best_err)
+    return best
 
 
 def round_stochastic(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,212 +1,255 @@
-"""FinetuneConfig: every knob of a fine-tuning run, validated up front, saved next to every result."""
+"""FinetuneConfig: a run (model, data, steps, evaluation) and the four parts of its method, validated up front.
+
+A method is a composition of parts (zolm.train.parts): ``base`` weights x ``train``able set x ``estimator`` x
+``optim``iser. ``method`` names a preset (zolm.train.presets) that fills the parts a config leaves out; any part
+value given explicitly wins over the preset. Config files nest by part::
+
+    method: quzo-lora
+    base: {bits: 4, group_size: 32}
+    train: {lora: {r: 8}}
+    estimator: {perturb_bits: 4}
+
+and every part field is also accepted under its flat command-line name (``bits: 4``, ``lora_r: 8``), so older
+configs, recipes and replay logs keep working. ``to_dict()`` records the resolved parts (run_config.json).
+"""
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from zolm.errors import ZolmError, unknown
-from zolm.train import adapter_options
-from zolm.zo.precision import check_half_mode
+from zolm.train.parts import (
+    BaseWeights,
+    Estimator,
+    Optimizer,
+    TrainableSet,
+    check_composition,
+    trains_codes,
+)
+from zolm.train.presets import PRESETS
+from zolm.utils.configs import build, check_value, deep_merge, flag_name, leaves, option, set_path, to_dict
 
-MASK_METHODS = ("mazo", "mezo-random-mask", "mezo-magnitude-mask")  # masked ZO (docs/mazo.md)
-METHODS = ("mezo", "fo-adamw", "fo-sgd", "fo-lora", "quzo", "quant-mezo", "fo-ste", "adazeta", "mezo-lora",
-           "fo-tt") + MASK_METHODS
-# Learning rates used when none is given (papers.md section 10, at 135M on CPU).
-DEFAULT_LR = {"mezo": 1e-6, "fo-adamw": 1e-5, "fo-sgd": 1e-3, "fo-lora": 1e-4, "quzo": 1e-6, "quant-mezo": 1e-6,
-              "fo-ste": 1e-5, **dict.fromkeys(MASK_METHODS, 1e-5)}
-DEFAULT_LR.update({"adazeta": 1e-4, "mezo-lora": 1e-4, "fo-tt": 1e-3})  # AdaZeta (docs/adazeta.md)
-DEFAULT_EPS = {"mezo-lora": 1e-2}  # ZO perturbation scale when none is given (MeZO App. E); others 1e-3
-QUANT_METHODS = ("quzo", "quant-mezo", "fo-ste")
-MAZO_CURVATURES = ("fisher", "activation")
-SCHEDULES = ("constant", "linear")
+PARTS = ("base", "train", "estimator", "optim")
+PART_CLASSES = dict(zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer)))
+METHODS = tuple(PRESETS)
+RUN, DATA, EVAL = "run", "data", "evaluation"
 
 
 @dataclass
 class FinetuneConfig:
     """Configuration of ``zolm finetune`` (also accepted as a YAML or JSON file)."""
 
-    out: str = ""
-    model: str = "smollm2-135m"
-    task: str = "sst2"  # one task, or a comma-separated mixture ("sst2,rte,boolq")
-    task_weights: list[float] = field(default_factory=list)  # mixture proportions (default: uniform)
-    method: str = "mezo"
-    data_dir: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"  # "cuda", "cuda:1", ... (ignored when device_map is set)
-    device_map: str | None = None  # e.g. "auto": shard a large model over devices (accelerate)
-    steps: int = 1000
-    batch_size: int = 16  # the global batch: split over torchrun workers and grad_accum micro-batches
-    grad_accum: int = 1
-    lr: float | None = None  # None: DEFAULT_LR[method]
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    # zeroth-order
-    eps: float | None = None  # None: DEFAULT_EPS[method], else 1e-3
-    queries: int = 1
-    sampler: str = "ih4"
-    half_mode: str = "exact"  # ZO on bf16/fp16 weights: exact | lean | inplace (zolm.zo.precision)
-    # which parameters train (regular expressions on parameter names; empty: all)
-    train_params: list[str] = field(default_factory=list)
-    freeze_params: list[str] = field(default_factory=list)
-    keep_sparsity: bool = True  # pruned tensors (>= 10% exact zeros) keep their zeros (zolm.train.sparsity)
-    # first order
-    max_grad_norm: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # quantized training (quzo, quant-mezo: ZO on low-bit codes; fo-ste: straight-through first order)
-    bits: int = 4  # weight bits: 4 or 8 (int); fp8 is 8
-    format: str = "int"  # int or fp8
-    fp8_variant: str = "e4m3"
-    group_size: int | None = None  # None: 32 for int4, per output channel otherwise
-    embed_bits: int | None = 8  # token embedding (and tied LM head) bits; None keeps them float
-    fp16_scales: bool | None = None  # scales rounded to float16 (GGUF-exact); None: on for int with groups of 32
-    act_bits: int | None = None  # fake-quantize layer inputs to this many bits
-    perturb_bits: int | None = None  # QuZO perturbation bits (None: 4 for quzo, 0 = unquantized for quant-mezo)
-    two_draws: bool = True  # QuZO: independent roundings for the perturbation and the update direction
-    update_rounding: str | None = None  # stochastic (quzo default) or nearest (quant-mezo default)
-    # masked ZO: mazo, mezo-random-mask, mezo-magnitude-mask (docs/mazo.md; defaults papers.md 5.3 and 10)
-    mask_ratio: float = 0.05  # rho: share of each row's weights that ZO perturbs and updates, in (0, 1]
-    mask_params: list[str] = field(default_factory=list)  # maskable weights (regexes); empty: block linears
-    mazo_alpha: float = 1.0  # weight of S_greedy = g^2
-    mazo_beta: float = 0.0  # weight of the magnitude term |W|
-    mazo_curvature: str = "fisher"  # h in S_global: "fisher" (mean of g_b^2) or "activation" (mean x_j^2)
-    mazo_damping: float = 1e-8  # lambda = mazo_damping * mean(h)
-    mazo_row_eps: float = 1e-12  # row normalisation S / (max_j S + mazo_row_eps)
-    mazo_term_norm: bool = False  # row-normalise each term before weighting them (zolm option, not 5.3)
-    mazo_calib_examples: int = 64  # calibration examples per task (its first training examples)
-    mazo_calib_batch_size: int = 8  # one backward pass per calibration mini-batch
-    # data (MeZO protocol)
-    num_train: int = 1000
-    num_dev: int | None = None
-    num_test: int = 1000
-    max_length: int = 1024
-    data_seed: int = 0
-    seed: int = 0
-    # evaluation and checkpoints
-    eval_every: int = 200  # 0: evaluate on dev only at the end
-    checkpoint_every: int | None = None  # None: same as eval_every
-    eval_batch_size: int = 16
-    eval_before: bool = True
-    # ---- AdaZeta and adapter methods (adazeta, mezo-lora, fo-tt; docs/adazeta.md) ----
-    tt_rank: int = 5
-    tt_bottleneck: int = 64
-    tt_modes: int = 3  # TT modes per side of each TT layer
-    tt_hidden_modes: list[int] = field(default_factory=list)  # empty: factorise the layer's size (balanced)
-    tt_activation: str = "relu"  # relu (paper) or identity (mergeable)
-    tt_scaling: float = 1.0
-    tt_bias: bool = True
-    tt_placement: list[str] = field(default_factory=list)  # "module_pattern:input|output"; empty: by architecture
-    q_schedule: str = "adaptive"  # adazeta queries per step: adaptive (Q_e) or fixed (--queries)
-    q_alpha: float = 0.85
-    q_beta: float | None = None  # None: fitted so that Q reaches q_target at the last epoch (AdaZeta code)
-    q_max: int = 20
-    q_target: float = 20.0
+    out: str = option("", "run directory (results, checkpoints, logs); an existing run with the same config resumes",
+                      group=RUN)
+    model: str = option("smollm2-135m", "built-in name (smollm2-135m), local directory or Hugging Face id", group=RUN)
+    method: str = option("mezo", "a preset naming the parts: " + ", ".join(METHODS) + "; part flags override it",
+                         group=RUN)
+    dtype: str = option("float32", "model dtype: float32, bfloat16 or float16", group=RUN)
+    device: str = option("cpu", "cpu, cuda, cuda:1, ... (ignored when device_map is set)", group=RUN)
+    device_map: str | None = option(None, "e.g. auto: shard a large model over devices (accelerate)", group=RUN)
+    steps: int = option(1000, "training steps", group=RUN)
+    batch_size: int = option(16, "the global batch: split over torchrun workers and grad_accum micro-batches",
+                             group=RUN)
+    grad_accum: int = option(1, "micro-batches per worker and step", group=RUN)
+    seed: int = option(0, "run seed (ZO perturbations, adapter initialisation, data order)", group=RUN)
+    task: str = option("sst2", "task name (sst2, rte, cb, boolq, wsc, wic, multirc, copa, squad), or a "
+                       "comma-separated mixture", group=DATA)
+    task_weights: list[float] = option([], "mixture proportions, one per task (default: uniform)", group=DATA)
+    data_dir: str | None = option(None, "folder of <task>/<split>.jsonl files (default: the Hugging Face hub)",
+                                  group=DATA)
+    num_train: int = option(1000, "training examples (MeZO protocol)", group=DATA)
+    num_dev: int | None = option(None, "dev examples (default: 500; CB and COPA 100)", group=DATA)
+    num_test: int = option(1000, "test examples", group=DATA)
+    max_length: int = option(1024, "maximum tokens per example", group=DATA)
+    data_seed: int = option(0, "seed of the train/dev/test sampling", group=DATA)
+    eval_every: int = option(200, "evaluate on dev every N steps (0: only at the end); best-on-dev weights are kept",
+                             group=EVAL)
+    checkpoint_every: int | None = option(None, "write a resumable checkpoint every N steps (default: eval_every)",
+                                          group=EVAL)
+    eval_batch_size: int = option(16, "evaluation batch size", group=EVAL)
+    eval_before: bool = option(True, "evaluate on test before training (zero-shot)", group=EVAL)
+    base: BaseWeights | None = field(default=None)
+    train: TrainableSet | None = field(default=None)
+    estimator: Estimator | None = field(default=None)
+    optim: Optimizer | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in PRESETS:
             raise unknown("method", self.method, METHODS)
-        check_half_mode(self.half_mode)
-        if self.lr_schedule not in SCHEDULES:
-            raise unknown("lr schedule", self.lr_schedule, SCHEDULES)
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
-        if self.eps is None:
-            self.eps = DEFAULT_EPS.get(self.method, 1e-3)
-        for name in ("steps", "batch_size", "grad_accum", "queries", "eval_batch_size", "max_length", "lora_r"):
+        preset = PRESETS[self.method].parts()
+        for name, cls in PART_CLASSES.items():  # a part not given comes from the preset; a dict merges into it
+            given = getattr(self, name)
+            if given is None or isinstance(given, dict):
+                setattr(self, name, build(cls, deep_merge(preset[name], given or {}), name))
+            elif not isinstance(given, cls):
+                raise ZolmError(f"{name} must be a {cls.__name__} or a mapping of its options, got {given!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "max_length", "num_train", "num_test"):
             if getattr(self, name) < 1:
                 raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "eps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
-                raise ZolmError(f"{name} must be a positive number, got {v}")
-        if self.weight_decay < 0 or self.eval_every < 0:
-            raise ZolmError("weight_decay and eval_every must be >= 0")
+        if self.eval_every < 0:
+            raise ZolmError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ZolmError(f"task must name one or more distinct tasks, got {self.task!r}")
         if self.task_weights and len(self.task_weights) != len(self.tasks):
             raise ZolmError(f"task_weights has {len(self.task_weights)} values for {len(self.tasks)} tasks")
-        if self.method in QUANT_METHODS:
-            self.quant_config()  # validates bits / format / group size
-            if self.update_rounding not in (None, "stochastic", "nearest"):
-                raise unknown("update rounding", self.update_rounding, ("nearest", "stochastic"))
         if self.checkpoint_every is None:
             self.checkpoint_every = self.eval_every
         if self.checkpoint_every < 0:
             raise ZolmError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        adapter_options.validate(self)
-        self._check_mask_options()
+        check_composition(self.base, self.train, self.estimator, self.optim)
 
-    def quant_config(self):
-        """The QuantConfig of the quantized methods (imported lazily: zolm.quant is optional here)."""
-        from zolm.quant.formats import QuantConfig, QuantFormat
-
-        group = self.group_size if self.group_size is not None else (32 if self.format == "int" and self.bits == 4
-                                                                       else None)
-        bits = 8 if self.format == "fp8" else self.bits
-        fmt = QuantFormat(self.format, bits, self.fp8_variant, group, self.fp16_scales)
-        return QuantConfig(weight=fmt, embed_bits=self.embed_bits,
-                           act_bits=self.act_bits)
-
-    def _check_mask_options(self) -> None:
-        """Masked-ZO options, checked for every method so that a bad value fails before any run starts."""
-        r = self.mask_ratio
-        if not (isinstance(r, int | float) and math.isfinite(r) and 0 < r <= 1):
-            raise ZolmError(f"mask_ratio must be in (0, 1], got {r}")
-        for name in ("mazo_alpha", "mazo_beta", "mazo_damping", "mazo_row_eps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ZolmError(f"{name} must be a finite number >= 0, got {v}")
-        if self.mazo_curvature not in MAZO_CURVATURES:
-            raise unknown("mazo_curvature", self.mazo_curvature, MAZO_CURVATURES)
-        for name in ("mazo_calib_examples", "mazo_calib_batch_size"):
-            if getattr(self, name) < 1:
-                raise ZolmError(f"{name} must be >= 1, got {getattr(self, name)}")
-
+    # ------------------------------------------------------------------ views used by the training code
     @property
     def tasks(self) -> list[str]:
         return [t.strip() for t in self.task.split(",") if t.strip()]
 
+    @property
+    def is_zo(self) -> bool:
+        return self.estimator.kind == "spsa"
+
+    @property
+    def trains_codes(self) -> bool:
+        """The trained tensors are the base's low-bit codes (QuZO's true low-bit mode)."""
+        return trains_codes(self.base, self.train)
+
+    def quant_config(self):
+        return self.base.quant_config()
+
+    def describe(self) -> str:
+        """One line naming the parts, e.g. ``low-bit int4 base x lora x spsa (4-bit perturbations) x sgd``."""
+        b, t, e = self.base, self.train, self.estimator
+        base = b.kind if b.kind == "float" else f"{b.kind} " + (f"fp8-{b.fp8_variant}" if b.format == "fp8"
+                                                                   else f"int{b.bits}")
+        est = e.kind + (f" ({e.perturb_bits}-bit perturbations)" if e.perturb_bits else "") + (
+            ", adaptive queries" if e.schedule == "adaptive" else "")
+        train = t.kind if t.kind != "mask" else f"{t.mask.kind} mask"
+        return f"{base} base x {train} x {est} x {self.optim.kind}"
+
+    # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PARTS}
+        out.update({p: to_dict(getattr(self, p)) for p in PARTS})
+        return json.loads(json.dumps(out))  # plain lists and dicts
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        valid = {f.name for f in fields(cls)}
-        bad = sorted(set(data) - valid)
-        if bad:
-            raise ZolmError(f"unknown config key(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> FinetuneConfig:
+        """Build from a (possibly flat) mapping: run keys, nested parts, or parts' flat names; types checked."""
+        run, nested = split_config(data, where)
+        return cls.build(run, nested, where)
+
+    @classmethod
+    def build(cls, run: dict[str, Any], nested: dict[str, Any], where: str = "config") -> FinetuneConfig:
+        """From run-level values and nested part values (over the preset ``run["method"]`` names)."""
+        run = build_run(cls, run, where)
+        method = run.get("method", "mezo")
+        if method not in PRESETS:
+            raise unknown("method", method, METHODS)
+        parts = deep_merge(PRESETS[method].parts(), nested)
+        built = {p: build(c, parts.get(p, {}), f"{where}: {p}") for p, c in PART_CLASSES.items()}
+        return cls(**run, **built)
+
+    @classmethod
+    def of(cls, **kwargs: Any) -> FinetuneConfig:
+        """``from_dict(kwargs)``: the Python shorthand, e.g. ``FinetuneConfig.of(method="quzo", bits=8)``."""
+        return cls.from_dict(kwargs)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> FinetuneConfig:
-        """Read a YAML (.yaml/.yml) or JSON file; ``overrides`` (not None) win over the file."""
+        """Read a YAML (.yaml/.yml) or JSON file; ``overrides`` (not None, flat or nested) win over the file."""
         path = Path(path)
         if not path.is_file():
             raise ZolmError(f"no such config file: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
                 data = yaml.safe_load(text) or {}
             else:
                 data = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - yaml and json raise different types
+        except Exception as e:  # noqa: BLE001 - yaml, json and decoding raise different types
             raise ZolmError(f"{path}: cannot parse config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ZolmError(f"{path}: a config file must hold a mapping of keys to values")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        run, nested = split_config(data, str(path))
+        run_over, nested_over = split_config({k: v for k, v in overrides.items() if v is not None}, "options")
+        return cls.build({**run, **run_over}, deep_merge(nested, nested_over), str(path))
 
 
-def defaults() -> dict[str, Any]:
-    """Field defaults (for the CLI's help text)."""
-    out = {}
-    for f in fields(FinetuneConfig):
-        out[f.name] = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+LEGACY_KEYS = {"lora_r", "tt_rank", "mazo_alpha", "q_schedule", "perturb_bits"}  # a whole pre-parts flat record
+
+
+def split_config(data: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-level values, nested part values) of a config mapping whose parts may be nested or flat.
+
+    A flat name wins over the same key nested in the same mapping. A complete flat record written before the parts
+    existed (run_config.json, replay headers, recipes) reads as the run it was: None meant "the method's default",
+    and q_schedule only ever applied to adazeta.
+    """
+    if not isinstance(data, dict):
+        raise ZolmError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    run_fields = {f.name for f in fields(FinetuneConfig) if f.name not in PARTS}
+    if LEGACY_KEYS <= set(data) and not set(PARTS) & set(data):
+        data = {k: v for k, v in data.items() if v is not None}
+        if data.get("method") != "adazeta":
+            data = {k: v for k, v in data.items() if not k.startswith("q_")}
+    run: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    flat = flat_names()
+    given_flat = []
+    for key, value in data.items():
+        if key in run_fields:
+            run[key] = value
+        elif key in PARTS and not (key in flat and isinstance(value, str)):  # --base low-bit is the kind
+            if value is not None and not isinstance(value, dict):
+                raise ZolmError(f"{where}: {key} must be a mapping of part options, got {value!r}")
+            nested[key] = deep_merge(nested.get(key, {}), value or {})
+        elif key in flat:
+            given_flat.append((flat[key], value))
+        else:
+            valid = sorted(run_fields | set(PARTS) | set(flat))
+            raise ZolmError(f"{where}: unknown key {key!r}; valid: {', '.join(valid)}")
+    for path, value in given_flat:
+        set_path(nested, path, value)
+    return run, nested
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` records (e.g. ``optim.lr``)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
     return out
+
+
+def build_run(cls, run: dict[str, Any], where: str) -> dict[str, Any]:
+    """Type-check the run-level keys (the parts are built by zolm.utils.configs.build)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {k: check_value(v, hints[k], f"{where}: {k}") for k, v in run.items()}
+
+
+def flat_names() -> dict[str, tuple[str, ...]]:
+    """{flat name: path} of every part field, e.g. ``lora_r -> (train, lora, r)``, ``bits -> (base, bits)``."""
+    out = {}
+    for part, cls in PART_CLASSES.items():
+        for path, f, _ in leaves(cls, (part,)):
+            out[flag_name(path, f)] = path
+    return out
+
+
+def composition_table() -> list[dict[str, str]]:
+    """One row per preset: the parts it names (README / docs/methods.md)."""
+    rows = []
+    for name in PRESETS:
+        c = FinetuneConfig(method=name)
+        rows.append({"method": name, "parts": c.describe(), "summary": PRESETS[name].summary})
+    return rows

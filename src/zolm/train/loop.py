@@ -31,9 +31,10 @@ from zolm.data.tasks import load_splits
 from zolm.errors import ZolmError
 from zolm.eval.evaluate import evaluate_items
 from zolm.train.batches import Mixture
+from zolm.train.build import build_method
 from zolm.train.checkpoint import copy_into, load_checkpoint, nonfinite, save_checkpoint
 from zolm.train.config import FinetuneConfig
-from zolm.train.methods import StepBatch, build_method
+from zolm.train.methods import StepBatch
 from zolm.train.plot import plot_loss
 from zolm.train.rundir import prepare_run_dir
 from zolm.utils import dist
@@ -47,9 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def lr_at(config: FinetuneConfig, step: int) -> float:
-    if config.lr_schedule == "linear":
-        return config.lr * (1.0 - (step - 1) / config.steps)
-    return config.lr
+    o = config.optim
+    if o.lr_schedule == "linear":
+        return o.lr * (1.0 - (step - 1) / config.steps)
+    return o.lr
 
 
 def _prepare_out(config: FinetuneConfig, overwrite: bool, stack: contextlib.ExitStack) -> dict | None:

@@ -1,13 +1,12 @@
-"""Training methods behind one interface: ZO (MeZO) and first-order baselines (AdamW, SGD, LoRA).
+"""The ``estimator`` x ``optim`` parts at run time: ZO-SGD (SPSA) or backpropagation (SGD / AdamW).
 
-A method is built as ``Method(model, config, kind)`` and provides:
+:func:`zolm.train.build.build_method` composes a method from its parts; what it returns provides:
     model              the module it trains and evaluates (a peft wrapper for LoRA, ...)
     trainable          {name: tensor} saved in checkpoints (everything else is the base model's)
     torch_optimizer    a torch optimiser whose state is checkpointed, or None
     is_zo, forwards_per_step, reducer (a zolm.utils.dist.Reducer)
     step(parts, step, lr, epoch) -> StepRecord (ZO, replayable) or float loss (first order)
-    save(out_dir, tokenizer)      writes out_dir/model (and whatever else the method owns)
-The registry ``METHODS`` maps ``--method`` names to these classes.
+    save(out_dir, tokenizer)      writes out_dir/model (and whatever else the trainable set owns)
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from zolm import models
 from zolm.errors import ZolmError
 from zolm.eval.scoring import loss_count, task_loss_sum
 from zolm.train.config import FinetuneConfig
-from zolm.train.sparsity import mask_gradients_, mask_lora_, merge_masked_lora, sparsity_masks
+from zolm.train.sparsity import mask_gradients_, sparsity_masks
+from zolm.train.trainables import Trainables
 from zolm.utils.dist import Reducer, all_reduce_
 from zolm.zo.optimizer import DivergenceError, StepRecord, ZOConfig, ZOOptimizer
 from zolm.zo.rng import derive_seed
@@ -58,39 +57,81 @@ def combine(batch: StepBatch, sums: list[float], counts: list[float]) -> tuple[f
     return sum(w * x for w, x, c in zip(batch.weights, per_task, counts) if c), per_task
 
 
-class ZOMethod:
-    """MeZO: ZO-SGD with the in-place seed trick over the selected parameters.
+class _Saving:
+    """Saving through the trainable set: out/adapter (if it has one) first, then out/model."""
+
+    model: torch.nn.Module
+    trainables: Trainables
+
+    def save_model(self, path: Path, tokenizer) -> None:
+        self.trainables.save_model(self.model, Path(path), tokenizer)
+
+    def save(self, out: Path, tokenizer) -> None:
+        if self.trainables.save_extra is not None:
+            self.trainables.save_extra(self.model, Path(out), tokenizer)
+        self.save_model(Path(out) / "model", tokenizer)
+
+
+def combined_masks(update: dict[str, torch.Tensor], named: dict[str, torch.Tensor],
+                   keep_sparsity: bool) -> dict[str, torch.Tensor]:
+    """Update masks intersected with the sparsity masks of the pruned tensors among ``named`` (if kept)."""
+    out = dict(update)
+    if keep_sparsity:
+        for name, m in sparsity_masks(named).items():
+            out[name] = out[name] & m if name in out else m
+    return out
+
+
+class ZOMethod(_Saving):
+    """ZO-SGD with the in-place seed trick over the trainable set (MeZO when used over all weights).
 
     Each loss evaluation sums per-task loss sums and counts over this worker's micro-batches, then across
-    torchrun workers (2 scalars per task: the only traffic; weights never travel).
+    torchrun workers (2 scalars per task: the only traffic; weights never travel). The query count per step
+    is ``estimator.queries``, or AdaZeta's adaptive schedule at the loop's epoch.
     """
 
     is_zo = True
 
-    def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
-        self.model = model
+    def __init__(self, trainables: Trainables, config: FinetuneConfig, schedule=None):
+        self.model = model = trainables.model
+        self.trainables = trainables
+        self.config = config
         self.last_task_losses: list[float] = []
         for p in model.parameters():  # ZO needs no autograd graph; inference_mode is used anyway
             p.requires_grad_(False)
-        self.optimizer = self.build_optimizer(model, config, self.zo_config(config))
+        self.optimizer = self.build_optimizer(trainables, config)
         self.params = self.optimizer.params
         self.torch_optimizer = None
-        self.forwards_per_step = 2 * config.queries
+        self.schedule = schedule
+        self.queries = schedule(0) if schedule is not None else config.estimator.queries
+        self.forwards_per_step = 2 * self.queries
         self.reducer = Reducer()
 
     @staticmethod
     def zo_config(config: FinetuneConfig) -> ZOConfig:
-        return ZOConfig(eps=config.eps, queries=config.queries, weight_decay=config.weight_decay,
-                        sampler=config.sampler, seed=config.seed, half_mode=config.half_mode)
+        e = config.estimator
+        return ZOConfig(eps=e.eps, queries=e.queries, weight_decay=config.optim.weight_decay, sampler=e.sampler,
+                        seed=config.seed, half_mode=e.half_mode)
 
-    def build_optimizer(self, model, config: FinetuneConfig, zo: ZOConfig) -> ZOOptimizer:
-        """The ZO optimiser over this method's parameter space (override for other spaces)."""
-        params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params)
-        if config.keep_sparsity:  # a pruned model: perturb and update only its non-zero weights
-            masks = sparsity_masks(dict(zip(params.names, params.params)))
-            if masks:
-                params = ParamSet(model, include=config.train_params or [".*"], exclude=config.freeze_params,
-                                  masks=masks)
+    @staticmethod
+    def build_optimizer(t: Trainables, config: FinetuneConfig) -> ZOOptimizer:
+        """The ZO optimiser over the trained tensors: low-bit codes (QuZO), quantized or plain directions."""
+        zo, e = ZOMethod.zo_config(config), config.estimator
+        if t.code_layers is not None:
+            from zolm.zo.quzo import QuZOOptimizer, QuZOSettings
+
+            settings = QuZOSettings(perturb_bits=e.perturb_bits, two_draws=e.two_draws,
+                                    update_rounding=e.update_rounding or "stochastic")
+            return QuZOOptimizer(t.code_layers, zo, settings)
+        params = ParamSet(t.model, include=t.include, exclude=t.exclude)
+        masks = combined_masks(t.masks, dict(zip(params.names, params.params)), config.base.keep_sparsity)
+        if masks:  # a pruned model or a mask set: perturb and update only the masked coordinates
+            params = ParamSet(t.model, include=t.include, exclude=t.exclude, masks=masks)
+        if e.perturb_bits:
+            from zolm.zo.quantized_directions import QuantizedDirectionZO
+            from zolm.zo.quzo import QuZOSettings
+
+            return QuantizedDirectionZO(params, zo, QuZOSettings(perturb_bits=e.perturb_bits, two_draws=e.two_draws))
         return ZOOptimizer(params, zo)
 
     @property
@@ -116,59 +157,42 @@ class ZOMethod:
 
     def step(self, batch: StepBatch, step: int, lr: float, epoch: int = 0) -> StepRecord:
         self.model.eval()
-        return self.optimizer.step(self.loss_fn(batch), step, lr)
-
-    def save_model(self, path: Path, tokenizer) -> None:
-        models.save(self.model, tokenizer, path)
-
-    def save(self, out: Path, tokenizer) -> None:
-        self.save_model(out / "model", tokenizer)
+        if self.schedule is None:
+            return self.optimizer.step(self.loss_fn(batch), step, lr)
+        self.queries = self.schedule(epoch)
+        self.forwards_per_step = 2 * self.queries
+        return self.optimizer.step(self.loss_fn(batch), step, lr, queries=self.queries)
 
 
-class FOMethod:
-    """First-order fine-tuning by backpropagation: full (AdamW or SGD) or LoRA (via peft, AdamW)."""
+class FOMethod(_Saving):
+    """First-order training by backpropagation (SGD or AdamW) of the trainable set."""
 
     is_zo = False
     forwards_per_step = 1
 
-    def __init__(self, model, config: FinetuneConfig, run_dir: Path | None = None):
+    def __init__(self, trainables: Trainables, config: FinetuneConfig):
         self.config = config
+        self.trainables = trainables
         self.last_task_losses: list[float] = []
-        torch.manual_seed(config.seed)  # LoRA initialisation
-        if config.method == "fo-lora":
-            model = self._wrap_lora(model, config)
-            if config.keep_sparsity:
-                mask_lora_(model)
-        else:
-            inc = [re.compile(p) for p in config.train_params] or [re.compile(".*")]
-            exc = [re.compile(p) for p in config.freeze_params]
-            for name, p in model.named_parameters():
-                p.requires_grad_(any(r.search(name) for r in inc) and not any(r.search(name) for r in exc))
-        self.model = model
+        torch.manual_seed(config.seed)
+        self.model = model = trainables.model
+        inc = [re.compile(p) for p in trainables.include]
+        exc = [re.compile(p) for p in trainables.exclude]
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(r.search(name) for r in inc) and not any(r.search(name) for r in exc))
         self.reducer = Reducer()
         named = self.trainable
         if not named:
             raise ZolmError("no trainable parameter: check --train-params / --freeze-params")
-        if config.keep_sparsity and config.method != "fo-lora":
-            mask_gradients_(named, sparsity_masks(named))
+        if trainables.masks or (config.base.keep_sparsity and not trainables.lora):
+            mask_gradients_(named, combined_masks(trainables.masks, named,
+                                                  config.base.keep_sparsity and not trainables.lora))
         params = list(named.values())
-        if config.method == "fo-sgd":
-            self.torch_optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        o = config.optim
+        if o.kind == "sgd":
+            self.torch_optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
         else:
-            self.torch_optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    @staticmethod
-    def _wrap_lora(model, config: FinetuneConfig):
-        from peft import LoraConfig, get_peft_model
-
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in config.lora_targets if t not in names]
-        if missing:
-            raise ZolmError(f"LoRA target module(s) {', '.join(missing)} not in the model; "
-                            f"e.g.: {', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])}")
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
-        return get_peft_model(model, lora)
+            self.torch_optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     @property
     def trainable(self) -> dict[str, torch.Tensor]:
@@ -191,51 +215,11 @@ class FOMethod:
             raise DivergenceError(f"loss is not finite at step {step} ({value})")
         grads = [p.grad for p in self.trainable.values() if p.grad is not None]
         self.reducer.bytes_sent += all_reduce_(grads)
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
+        if self.config.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.optim.max_grad_norm)
         for group in self.torch_optimizer.param_groups:
             group["lr"] = lr
         self.torch_optimizer.step()
         self.torch_optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         return value
-
-    def save_model(self, path: Path, tokenizer) -> None:
-        """A plain transformers model (LoRA merged into the base weights)."""
-        model = merge_masked_lora(self.model) if self.config.method == "fo-lora" else self.model
-        models.save(model, tokenizer, path)
-
-    def save(self, out: Path, tokenizer) -> None:
-        """out/model, and out/adapter for LoRA (written first: merging unloads the adapter)."""
-        if self.config.method == "fo-lora":
-            save_lora_adapter(self.model, out / "adapter", self.config.model)
-        self.save_model(out / "model", tokenizer)
-
-
-def save_lora_adapter(model, path: Path, base_model: str) -> None:
-    """peft's save_pretrained, recording ``base_model`` (the id or path the user gave, e.g. ``smollm2-135m``) as
-    ``base_model_name_or_path`` in adapter_config.json rather than wherever the weights were read from."""
-    for cfg in model.peft_config.values():
-        cfg.base_model_name_or_path = base_model
-    model.save_pretrained(path)
-
-
-METHODS: dict[str, type] = {"mezo": ZOMethod, "fo-adamw": FOMethod, "fo-sgd": FOMethod, "fo-lora": FOMethod}
-
-
-def _registry() -> dict[str, type]:
-    """Every method, including those defined in their own modules (imported here, explicitly)."""
-    from zolm.train.adapter_methods import AdaZetaMethod, FOTTMethod, MeZOLoRAMethod
-    from zolm.train.mask_methods import MaskedZOMethod
-    from zolm.train.quant_methods import FOSTEMethod, QuZOMethod
-
-    return {**METHODS, "quzo": QuZOMethod, "quant-mezo": QuZOMethod, "fo-ste": FOSTEMethod,
-            "adazeta": AdaZetaMethod,  # ZO on TT adapters, adaptive queries (docs/adazeta.md)
-            "mezo-lora": MeZOLoRAMethod,  # ZO on peft LoRA A/B
-            "fo-tt": FOTTMethod,  # first-order (AdamW) TT adapters
-            **dict.fromkeys(("mazo", "mezo-random-mask", "mezo-magnitude-mask"), MaskedZOMethod)}  # docs/mazo.md
-
-
-def build_method(model, config: FinetuneConfig, run_dir: Path | None = None):
-    """The method ``config.method`` around ``model``; ``run_dir`` holds method artefacts (e.g. masks)."""
-    return _registry()[config.method](model, config, run_dir)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from zolm import models
 from zolm.errors import ZolmError
+from zolm.train.build import build_method
 from zolm.train.config import FinetuneConfig
-from zolm.train.methods import build_method
 from zolm.utils.devices import resolve_device
 from zolm.utils.log import progress
 from zolm.zo.replay import names_digest, read_log, tensors_digest, with_seeds

@@ -118,8 +118,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _differs(saved: dict, current: dict) -> list[str]:
-    a, b = comparable(saved), comparable(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    from zolm.train.config import config_diff  # dotted keys of nested parts (optim.lr)
+
+    return config_diff(comparable(saved), comparable(current))
 
 
 def prepare_run_dir(out_arg: str, config: dict, overwrite: bool, inputs: list[str | None],

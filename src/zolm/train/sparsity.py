@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zolm.utils.sparse import PRUNED_THRESHOLD, pruned_mask
+from zolm.utils.sparse import PRUNED_THRESHOLD, pruned_mask, unpack_mask
 
 
 def sparsity_masks(named: dict[str, torch.Tensor], threshold: float = PRUNED_THRESHOLD) -> dict[str, torch.Tensor]:
@@ -44,12 +44,18 @@ def mask_lora_(peft_model, threshold: float = PRUNED_THRESHOLD) -> int:
     count = 0
     for module in peft_model.modules():
         base = getattr(module, "base_layer", None)
-        if not (isinstance(base, nn.Linear) and hasattr(module, "lora_A")):
+        if not hasattr(module, "lora_A"):
             continue
-        masks = sparsity_masks({"w": base.weight}, threshold)
-        if not masks:
+        if getattr(base, "sparsity_mask", None) is not None:  # a pruned zolm QuantLinear: its stored W != 0
+            mask = unpack_mask(base.sparsity_mask, base.out_features * base.in_features)
+            mask = mask.view(base.out_features, base.in_features)
+        elif isinstance(base, nn.Linear):
+            mask = sparsity_masks({"w": base.weight}, threshold).get("w")
+        else:
+            mask = None
+        if mask is None:
             continue
-        module.register_buffer("zolm_mask", masks["w"], persistent=False)
+        module.register_buffer("zolm_mask", mask, persistent=False)
         module.register_forward_hook(_masked_lora_forward)
         count += 1
     return count
@@ -64,7 +70,8 @@ def masked_delta(module) -> torch.Tensor:
 
 def _masked_lora_forward(module, args, output):
     x = args[0]
-    return module.base_layer(x) + F.linear(x.to(module.base_layer.weight.dtype), masked_delta(module).to(x.dtype))
+    dtype = module.base_layer.weight.dtype if isinstance(module.base_layer, nn.Linear) else x.dtype
+    return module.base_layer(x) + F.linear(x.to(dtype), masked_delta(module).to(x.dtype))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ def _cfg(model_dir, data_dir, out, **kw) -> FinetuneConfig:
     base = dict(out=str(out), model=model_dir, task="sst2", data_dir=data_dir, steps=4, batch_size=4, lr=1e-3,
                 num_train=16, num_dev=4, num_test=6, eval_every=2, eval_batch_size=4, group_size=16)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_quantized_methods_train_and_save_low_bit_models(tiny_llama_dir, data_di
 def test_quantized_config_errors(tiny_llama_dir, data_dir, tmp_path):
     with pytest.raises(ZolmError, match="unsupported bit width 3"):
         _cfg(tiny_llama_dir, data_dir, tmp_path, method="quzo", bits=3)
-    with pytest.raises(ZolmError, match="unknown number format 'int3'"):
+    with pytest.raises(ZolmError, match="unknown format 'int3'"):
         _cfg(tiny_llama_dir, data_dir, tmp_path, method="quzo", format="int3")
-    with pytest.raises(ZolmError, match="unknown update rounding 'up'"):
+    with pytest.raises(ZolmError, match="unknown update_rounding 'up'"):
         _cfg(tiny_llama_dir, data_dir, tmp_path, method="quzo", update_rounding="up")
