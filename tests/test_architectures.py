@@ -85,10 +85,10 @@ def test_masks_and_tt_adapters_with_no_extra_flags(arch):
     masks, report = build_masks(model, weights, MaskRecipe(kind="random", ratio=0.25))
     assert report["masked_numel"] > 0 and set(masks) == set(weights)
     base = logits(model, IDS)
-    wrapped = add_tt_adapters(model, TTAdapterConfig(rank=2, bottleneck=8, activation="identity"))
+    wrapped = add_tt_adapters(model, TTAdapterConfig(rank=2, bottleneck=8, activation="identity", init="reference"))
     assert len(wrapped) == 2 * len(tt_placement(model))
     out = logits(model, IDS)
-    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)  # reference init: not the identity
     for name, layer in adapter_layers(model).items():  # identity adapters merge exactly, Conv1D stays Conv1D
         merged = layer.merged()
         assert type(merged) is type(layer.base_layer), name
