@@ -111,5 +111,5 @@ def test_mazo_activation_curvature_on_conv1d(tokenizer, data_dir, tmp_path, caps
     path = _save(tiny_arch("gpt2", len(tokenizer)), tokenizer, tmp_path / "gpt2")
     code = main(["finetune", "--model", path, "--data-dir", data_dir, "--method", "mazo", "--mazo-curvature",
                  "activation", "--steps", "1", "--batch-size", "2", "--num-train", "8", "--num-dev", "0",
-                 "--num-test", "0", "--eval-every", "0", "--mazo-calib-examples", "4", "--out", str(tmp_path / "r")])
+                 "--num-test", "2", "--eval-every", "0", "--mazo-calib-examples", "4", "--out", str(tmp_path / "r")])
     assert code == 0, capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_prune_seqlen_beyond_the_model_positions(capsys, tiny_llama_dir, tmp_pat
 # --------------------------------------------------------------------------- every option, wrong values
 BASE = {
     "finetune": ["--model", "{tiny}", "--data-dir", "{data}", "--steps", "1", "--batch-size", "2", "--num-train", "4",
-                 "--num-dev", "0", "--num-test", "0", "--eval-every", "0", "--no-eval-before", "--out", "{out}"],
+                 "--num-dev", "0", "--num-test", "2", "--eval-every", "0", "--no-eval-before", "--out", "{out}"],
     "prune": ["--model", "{tiny}", "--method", "magnitude", "--out", "{out}"],
     "quantize": ["--model", "{tiny}", "--bits", "8", "--out", "{out}"],
     "export": ["--model", "{tiny}", "--format", "hf", "--out", "{out}"],
