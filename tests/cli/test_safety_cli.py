@@ -191,6 +191,13 @@ def paths(tiny_llama_dir, data_dir, run_dir, tmp_path_factory):
     return {"tiny": tiny_llama_dir, "data": data_dir, "log": str(run_dir / "replay.jsonl"), "recipe": str(recipe)}
 
 
+@pytest.mark.parametrize("cmd", sorted(BASE))
+def test_the_base_commands_run(capsys, paths, tmp_path, cmd):
+    """Each walk below changes one option of a command that succeeds as is (else the walk would prove nothing)."""
+    code, _, err = run(capsys, cmd, *[x.format(**paths, out=str(tmp_path / "out")) for x in BASE[cmd]])
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("cmd,flag,kind", WRONG, ids=[f"{c}{f}" for c, f, _ in WRONG])
 def test_every_option_with_a_wrong_type_is_refused_in_one_line(capsys, paths, tmp_path, cmd, flag, kind):
     if flag in FREE_TEXT:
