@@ -94,10 +94,11 @@ def val_curve(run_dir: Path, items, milestones: list[int], cache: dict, key) -> 
     from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
     from zolm.utils.io import read_jsonl
-    from zolm.zo.replay import read_log
+    from zolm.zo.replay import read_log, with_seeds
 
-    header, records, _ = read_log(run_dir / "replay.jsonl")
-    config = FinetuneConfig.from_dict(header["config"])
+    log = read_log(run_dir / "replay.jsonl")
+    records = log.records
+    config = FinetuneConfig.from_dict({**log.header["config"], "out": ""})
     fwd = {r["step"]: r["forward_passes"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
     model, tok = models.load(config.model)
     method = build_method(model, config)
@@ -106,7 +107,7 @@ def val_curve(run_dir: Path, items, milestones: list[int], cache: dict, key) -> 
     for m in milestones:
         step = max([0] + [s for s, f in fwd.items() if f <= m])
         for rec in records[done:step]:
-            method.optimizer.replay_(rec)
+            method.optimizer.replay_(with_seeds(rec, method.optimizer.seeds_for))
         done = step
         if step == 0 and key in cache:
             points.append(dict(cache[key]))

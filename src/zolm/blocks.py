@@ -19,6 +19,7 @@ instead of once per family (Wanda's repository has ``prune.py`` and a near-copy 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,3 +200,80 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInpu
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return BlockInputs(hidden, args, kwargs, key)
+
+
+# --------------------------------------------------------------------------- default targets, by structure
+KINDS = ("all", "attention", "mlp")
+
+
+def block_groups(block: nn.Module) -> tuple[list[str], list[str]]:
+    """``(attention, mlp)``: the block's linear layers by name inside it, split by the child module holding them.
+
+    The children of a block that hold linear layers come in execution order (attention, then MLP, in every
+    transformers decoder); a child whose name says attention (``self_attn``, ``attn``, ``attention``) is the
+    attention part, else the first such child is; every other child is MLP (OPT's ``fc1``/``fc2`` sit in the
+    block directly). Names: ``self_attn.q_proj``, ``mlp.down_proj``, ``attn.c_attn``, ``fc1``...
+    """
+    layers = linear_layers(block)
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        groups.setdefault(name.split(".", 1)[0], []).append(name)
+    attn = [g for g in groups if "att" in g.lower()] or [next(iter(groups))]
+    return ([n for g in attn for n in groups[g]], [n for g in groups if g not in attn for n in groups[g]])
+
+
+def default_targets(model: nn.Module, kind: str = "all") -> list[str]:
+    """Leaf names of the decoder blocks' linear (or Conv1D) layers: ``all``, the ``attention`` or the ``mlp`` ones,
+    in block order without repeats (Llama ``q_proj, k_proj, ...``, GPT-2 ``c_attn, c_proj, c_fc``)."""
+    if kind not in KINDS:
+        raise ZolmError(f"unknown target kind {kind!r}; valid: {', '.join(KINDS)}")
+    attn, mlp = block_groups(decoder_blocks(model)[0])
+    names = {"all": attn + mlp, "attention": attn, "mlp": mlp}[kind]
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+
+
+def block_linear_names(model: nn.Module, kind: str = "all") -> list[str]:
+    """Full module names of the chosen linear layers of every decoder block (``model.layers.0.self_attn.q_proj``)."""
+    if kind not in KINDS:
+        raise ZolmError(f"unknown target kind {kind!r}; valid: {', '.join(KINDS)}")
+    prefix, blocks = find_block_list(model)
+    out = []
+    for i, block in enumerate(blocks):
+        attn, mlp = block_groups(block)
+        out += [f"{prefix}.{i}.{n}" for n in {"all": attn + mlp, "attention": attn, "mlp": mlp}[kind]]
+    return out
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """LoRA's default target modules (MeZO / LoRA: the query and value projections) found by structure.
+
+    Separate projections: the attention layers named ``q*`` and ``v*`` (Llama, Mistral, Qwen2, Gemma, OPT
+    ``q_proj, v_proj``). A fused projection: the attention layer with the most outputs (GPT-2 ``c_attn``, GPT-NeoX
+    ``query_key_value``, Phi-3 ``qkv_proj``), i.e. not the output projection.
+    """
+    block = decoder_blocks(model)[0]
+    attn, _ = block_groups(block)
+    layers = linear_layers(block)
+    leaves = {n: n.rsplit(".", 1)[-1] for n in attn}
+    qv = [leaves[n] for n in attn if leaves[n][:1].lower() in ("q", "v") and "qkv" not in leaves[n].lower()]
+    if len(qv) == 2:
+        return sorted(qv, key=lambda n: n[0].lower() != "q")  # query first (OPT registers k, v, q)
+    widest = max(attn, key=lambda n: out_in(layers[n]).shape[0])
+    return [leaves[widest]]
+
+
+def tt_placement(model: nn.Module) -> list[str]:
+    """AdaZeta's TT adapter placement found by structure: an input adapter on every MLP layer but the last one
+    of the block, an output adapter on the last (Llama ``gate_proj:input up_proj:input down_proj:output``, OPT
+    ``fc1:input fc2:output``, GPT-2 ``mlp.c_fc:input mlp.c_proj:output``). Patterns are block-relative names, so a
+    leaf shared with attention (GPT-2 ``c_proj``) keeps its parent."""
+    _, mlp = block_groups(decoder_blocks(model)[0])
+    if not mlp:
+        raise ZolmError(f"{type(model).__name__}: no MLP linear layers in the decoder blocks for TT adapters")
+    attn_leaves = {n.rsplit(".", 1)[-1] for n in block_groups(decoder_blocks(model)[0])[0]}
+
+    def pattern(name: str) -> str:
+        leaf = name.rsplit(".", 1)[-1]
+        return re.escape(name if leaf in attn_leaves else leaf)
+
+    return [f"{pattern(n)}:input" for n in mlp[:-1]] + [f"{pattern(mlp[-1])}:output"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from zolm.errors import ZolmError, unknown
-from zolm.utils.devices import place_, resolve_device
+from zolm.utils.devices import AUTO_MAPS, place_, resolve_device
 from zolm.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
     """
     dtype = resolve_dtype(dtype)
     device = resolve_device(device) if device is not None and device_map is None else None
+    if isinstance(device_map, str) and device_map not in AUTO_MAPS:
+        try:
+            resolve_device(device_map)  # a single device by name
+        except ZolmError as e:
+            raise ZolmError(f"device_map {device_map!r}: {', '.join(AUTO_MAPS)} or a device name ({e})") from None
     if name_or_path in BUILTIN:
         if device_map is not None:  # de-quantize once, then load the cached copy with the map
             _load_gguf_builtin(name_or_path, torch.float32, True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from zolm import models
 from zolm.errors import ZolmError, unknown
 from zolm.utils.io import atomic_write_json
+from zolm.utils.outputs import check_output
 from zolm.utils.sparse import unpack_mask
 
 STAGES = ("prune", "quantize", "finetune", "eval")
@@ -236,8 +238,10 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, echo=print) -> list[dict
     import shutil
 
     out = Path(recipe.out)
+    ours = out.is_dir() and all(re.fullmatch(r"\d+-\w+|pipeline\.json|\..*", p.name) for p in out.iterdir())
+    check_output(out, overwrite=overwrite or ours, inputs=[recipe.model, recipe.data_dir])  # a user's folder: refused
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
     current, key, quant = recipe.model, _key(recipe.model), {}
     summaries = []

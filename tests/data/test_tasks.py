@@ -59,7 +59,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_missing_field_lists_the_task_fields(tmp_path):
     write_jsonl(tmp_path / "rte" / "validation.jsonl", [{"premise": "p", "label": 0}])
-    expected = r"row 1 lacks field\(s\) hypothesis; this task needs: premise, hypothesis, label"
+    expected = r"line 1 lacks field\(s\) hypothesis; this task needs: premise, hypothesis, label"
     with pytest.raises(ZolmError, match=expected):
         load_splits("rte", tmp_path)
 

@@ -72,8 +72,13 @@ def test_build_masks_kinds_and_report(tiny):
         assert report["maskable_numel"] == sum(w.numel() for w in weights.values())
     with pytest.raises(ZolmError, match="needs calibration data"):
         build_masks(model, weights, MaskRecipe(kind="importance"), [], pad)
-    with pytest.raises(ZolmError, match="task sst2: the fisher curvature needs >= 2 calibration mini-batches, got 1"):
-        build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8), tasks, pad)
+    # one calibration mini-batch: the fisher curvature splits it in two instead of stopping
+    one, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8), tasks, pad)
+    two, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=4), tasks, pad)
+    check_rows(one, 0.05)
+    assert all(torch.equal(one[n], two[n]) for n in one)
+    with pytest.raises(ZolmError, match="task sst2: the fisher curvature needs >= 2 calibration examples, got 1"):
+        build_masks(model, weights, MaskRecipe(calib_examples=1, calib_batch_size=8), tasks, pad)
     masks, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8,
                                                       importance=ImportanceConfig(curvature="activation")), tasks, pad)
     check_rows(masks, 0.05)

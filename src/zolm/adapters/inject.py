@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from zolm.adapters.tt import ACTIVATIONS, INITS, TTAdapter, factorize
+from zolm.blocks import is_linear, out_in, tt_placement
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 
@@ -113,14 +114,26 @@ def parse_placement(entry: str, what: str = "adapter placement") -> tuple[str, s
 
 
 def default_placement(model: nn.Module) -> list[str]:
-    """The AdaZeta placement for the model's architecture, detected from its module names."""
+    """The AdaZeta placement for the model's architecture, found from its decoder blocks (zolm.blocks.tt_placement:
+    input adapters on the MLP's first layers, an output adapter on its last; ``PRESETS`` for Llama and OPT)."""
+    try:
+        return tt_placement(model)
+    except ZolmError:  # no decoder blocks: known module names, if any
+        pass
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"gate_proj", "up_proj", "down_proj"} <= leaves:
-        return list(PRESETS["llama"])
-    if {"fc1", "fc2"} <= leaves:
-        return list(PRESETS["opt"])
-    raise ZolmError(f"no default TT adapter placement for {type(model).__name__} (no gate/up/down_proj or "
-                    "fc1/fc2 modules); give the placement as 'module_pattern:input|output' entries")
+    for preset, names in (("llama", {"gate_proj", "up_proj", "down_proj"}), ("opt", {"fc1", "fc2"})):
+        if names <= leaves:
+            return list(PRESETS[preset])
+    raise ZolmError(f"no default TT adapter placement for {type(model).__name__} (no decoder blocks with MLP "
+                    "layers); give the placement as 'module_pattern:input|output' entries")
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an nn.Linear, a GPT-2 Conv1D (weight ``[in, out]``) or a QuantLinear."""
+    if isinstance(layer, QuantLinear):
+        return layer.out_features, layer.in_features
+    out_f, in_f = out_in(layer).shape
+    return out_f, in_f
 
 
 class TTAdapterLinear(nn.Module):
@@ -133,7 +146,7 @@ class TTAdapterLinear(nn.Module):
         if side not in SIDES:
             raise ZolmError(f"adapter side must be one of {', '.join(SIDES)}, got {side!r}")
         self.base_layer, self.side, self.tt_adapter = base_layer, side, adapter
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = features(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -159,7 +172,7 @@ class TTAdapterLinear(nn.Module):
         base had one or c is non-zero.
         """
         a, c = self.tt_adapter.affine()
-        w = self.base_layer.weight.double()
+        w = out_in(self.base_layer).double()
         b = self.base_layer.bias.double() if self.base_layer.bias is not None else None
         if self.side == "input":
             w_new = w @ a
@@ -169,8 +182,13 @@ class TTAdapterLinear(nn.Module):
             b_new = (a @ b if b is not None else 0.0) + c
         has_bias = b is not None or bool(torch.any(c != 0))
         dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
-        out = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=device, dtype=dtype)
-        out.weight.copy_(w_new.to(dtype))
+        if isinstance(self.base_layer, nn.Linear):
+            out = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=device, dtype=dtype)
+        else:  # Conv1D stays Conv1D (weight [in, out]), so the merged model loads in plain transformers
+            out = type(self.base_layer)(self.out_features, self.in_features).to(device=device, dtype=dtype)
+            if not has_bias:
+                out.bias = None
+        out_in(out).copy_(w_new.to(dtype))
         if has_bias:
             out.bias.copy_(b_new.to(dtype))
         out.weight.requires_grad_(self.base_layer.weight.requires_grad)
@@ -193,9 +211,9 @@ def find_targets(model: nn.Module, placement: list[str],
             continue
         if isinstance(module, TTAdapterLinear):
             raise ZolmError(f"{name} already has a TT adapter")
-        if not isinstance(module, nn.Linear | QuantLinear):
+        if not (is_linear(module) or isinstance(module, QuantLinear)):
             raise ZolmError(f"adapter placement selects {name}, a {type(module).__name__}; TT adapters wrap "
-                            "nn.Linear (or zolm QuantLinear) layers only")
+                            "nn.Linear, Conv1D (or zolm QuantLinear) layers only")
         out.append((name, side))
     if not out:
         raise ZolmError(f"adapter placement {placement} matches no module of {type(model).__name__}")
@@ -218,7 +236,8 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
     shapes = {}
     for name, side in targets:  # validate every shape before touching the model
         base = model.get_submodule(name)
-        shapes[name] = config.modes_for(base.in_features if side == "input" else base.out_features)
+        out_f, in_f = features(base)
+        shapes[name] = config.modes_for(in_f if side == "input" else out_f)
     gen = torch.Generator().manual_seed(config.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -297,7 +316,7 @@ def _let_config_hold(model: nn.Module, added: list[str]) -> None:
         if set(added) <= expected and have <= expected and all(n.endswith(".bias") for n in missing):
             for n in sorted(missing):
                 layer = model.get_submodule(n[: -len(".bias")])
-                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                layer.bias = nn.Parameter(torch.zeros(out_in(layer).shape[0], dtype=layer.weight.dtype,
                                                       device=layer.weight.device), requires_grad=False)
             setattr(model.config, flag, True)
             return

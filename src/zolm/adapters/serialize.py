@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters
+from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters, features
 from zolm.adapters.tt import TTAdapter
+from zolm.blocks import is_linear
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir, atomic_write_json
@@ -103,10 +104,10 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     modules = dict(model.named_modules())
     for name, t in meta["targets"].items():
         base = modules.get(name)
-        if not isinstance(base, nn.Linear | QuantLinear):
+        if base is None or not (is_linear(base) or isinstance(base, QuantLinear)):
             raise ZolmError(f"{path} adapts {name}, which the model lacks (or is not a linear layer): wrong base "
                             f"model? (saved for {meta.get('base_model')!r})")
-        size = base.in_features if t["side"] == "input" else base.out_features
+        size = features(base)[1 if t["side"] == "input" else 0]
         if torch.Size(t["hidden_modes"]).numel() != size:
             raise ZolmError(f"{path} adapts {name} with {torch.Size(t['hidden_modes']).numel()} features, the "
                             f"model's layer has {size}: wrong base model?")

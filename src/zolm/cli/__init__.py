@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from zolm import __version__
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[args.command].run(args) or 0)
     except ZolmError as e:
         print(f"zolm: error: {e}", file=sys.stderr)
+        return 2
+    except re.error as e:  # a user's regular expression compiled outside zolm.utils.patterns
+        print(f"zolm: error: invalid regular expression {e.pattern!r} ({e})", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read or write the commands did not anticipate: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"zolm: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("zolm: interrupted (run the same command again to resume)", file=sys.stderr)

@@ -73,6 +73,11 @@ def text_path(value: str, data_dir: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     if not args.task and not args.tasks and not args.perplexity:
         raise ZolmError("give --task and/or --perplexity, or --tasks")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
+                             ("--num-test", args.num_test, 0), ("--data-seed", args.data_seed, 0),
+                             ("--seq-len", args.seq_len, 2), ("--max-windows", args.max_windows, 1)):
+        if value is not None and value < low:
+            raise ZolmError(f"{flag} must be >= {low}, got {value}")
     from zolm import models
     from zolm.data.tasks import load_splits
     from zolm.data.zero_shot import LM_EVAL

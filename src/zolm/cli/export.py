@@ -23,15 +23,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer-gguf", default=None,
                    help="copy tokenizer metadata from this GGUF (default: the built-in SmolLM2 file if it matches)")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
 
 
 def run(args: argparse.Namespace) -> int:
     from zolm import models
     from zolm.errors import ZolmError
     from zolm.export import GGUF_TYPES, export_gguf, to_dense
+    from zolm.utils.outputs import check_output
 
     if args.format == "gguf" and args.gguf_type not in GGUF_TYPES:
         raise ZolmError(f"unknown GGUF tensor type {args.gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
+    check_output(args.out, overwrite=args.overwrite, kind="file" if args.format == "gguf" else "directory",
+                 inputs=[args.model, args.tokenizer_gguf])
     model, tok = models.load(args.model)
     if args.format == "hf":
         models.save(to_dense(model), tok, args.out)

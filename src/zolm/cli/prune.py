@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zolm.errors import ZolmError
 from zolm.prune.api import METHODS, PruneConfig
+from zolm.utils.outputs import check_output
 
 DEFAULTS = PruneConfig()  # one source of defaults for the flags below
 
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pattern.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1) (default 0.5)")
     pattern.add_argument("--nm", metavar="N:M", help="semi-structured: keep N of every M input weights (2:4, 4:8)")
     p.add_argument("--out", required=True, help="directory for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
     p.add_argument("--compressed", action="store_true",
                    help="also write the compact form (bitmap + non-zero values) to OUT/compressed")
     p.add_argument("--calib-data", default="c4",
@@ -90,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise ZolmError(f"need --nsamples >= 1 and --seqlen >= 2, got {args.nsamples} and {args.seqlen}")
     source = calibration_source(args.calib_data, args.data_dir) if config.needs_calibration else None
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ZolmError(f"--out {out} exists and is not a directory")
+    check_output(out, overwrite=args.overwrite, inputs=[args.model, args.data_dir, source])
 
     from zolm import models
     from zolm.compressed import save_compressed
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     from zolm.utils.io import atomic_write_json
 
     model, tok = models.load(args.model, args.dtype, device=device, device_map=args.device_map)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if source is not None and isinstance(limit, int) and args.seqlen > limit:
+        raise ZolmError(f"--seqlen {args.seqlen} is longer than the model's {limit} positions "
+                        "(max_position_embeddings)")
     calib = None
     if source is not None:
         calib = calibration_ids(tok, source, None, args.nsamples, args.seqlen, args.seed)

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="scale search: mse clips each group's range to minimise its error, none is absmax "
                         "(auto: mse for int4)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
 
 
 def _bytes(model) -> int:
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
                        act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales],
                        clip=None if args.clip == "auto" else args.clip)
     qc = base.quant_config()
+    from zolm.utils.outputs import check_output
+
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model])
     from zolm import models
     from zolm.quant.linear import quantize_
 

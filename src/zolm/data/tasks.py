@@ -98,32 +98,35 @@ def get_task(name: str) -> TaskSpec:
 
 
 def load_rows(task: TaskSpec, split: str, data_dir: str | Path | None) -> list[dict]:
-    """The task's rows of one split, flattened and checked for the task's fields."""
+    """The task's rows of one split, flattened; every row is checked (fields, label type, the template and the
+    label's range) here, before any sampling, and an error names the file and line (hub: the row)."""
     if data_dir is not None:
         rows = read_local(data_dir, task.folder, split)
-        where = str(Path(data_dir) / task.folder / f"{split}.jsonl")
+        where, unit = str(Path(data_dir) / task.folder / f"{split}.jsonl"), "line"
     else:
-        rows = read_hub(task.hub[0], task.hub[1], split)
-        where = f"{task.hub[0]}/{task.hub[1]} [{split}]"
+        rows = list(enumerate(read_hub(task.hub[0], task.hub[1], split), start=1))
+        where, unit = f"{task.hub[0]}/{task.hub[1]} [{split}]", "row"
     if task.flatten is not None:
-        rows = [r for row in rows for r in task.flatten(row)]
-    check_fields(rows, task.fields, where)
-    return rows
+        rows = [(i, r) for i, row in rows for r in task.flatten(row)]
+    check_fields(rows, task.fields, where, unit)
+    for i, row in rows:
+        _render(task, row, f": {where}: {unit} {i}")
+    return [r for _, r in rows]
+
+
+def _render(task: TaskSpec, row: dict, where: str) -> Example:
+    try:
+        ex = task.render(row)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise ZolmError(f"{task.name}{where} does not fit the template ({type(e).__name__}: {e})") from None
+    if task.kind != "generation" and not 0 <= ex.gold < len(ex.candidates):
+        raise ZolmError(f"{task.name}{where} has label {ex.gold}, valid: 0..{len(ex.candidates) - 1}")
+    return ex
 
 
 def render_rows(task: TaskSpec, rows: list[dict], where: str = "") -> list[Example]:
-    out = []
-    for i, row in enumerate(rows, start=1):
-        try:
-            ex = task.render(row)
-        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-            raise ZolmError(f"{task.name}{where}: row {i} does not fit the template "
-                            f"({type(e).__name__}: {e})") from None
-        if task.kind != "generation" and not 0 <= ex.gold < len(ex.candidates):
-            raise ZolmError(f"{task.name}{where}: row {i} has label {ex.gold}, "
-                            f"valid: 0..{len(ex.candidates) - 1}")
-        out.append(ex)
-    return out
+    """Examples of rows (checked already by :func:`load_rows`; ``where`` names them if one still fails)."""
+    return [_render(task, row, f"{where}: row {i}") for i, row in enumerate(rows, start=1)]
 
 
 @dataclass
@@ -141,7 +144,7 @@ def load_splits(task: str | TaskSpec, data_dir: str | Path | None = None, num_tr
     """Sample train / dev / test as MeZO does (see module docstring)."""
     spec = get_task(task) if isinstance(task, str) else task
     num_dev = spec.num_dev if num_dev is None else num_dev
-    for n, what in ((num_train, "num_train"), (num_dev, "num_dev"), (num_test, "num_test")):
+    for n, what in ((num_train, "num_train"), (num_dev, "num_dev"), (num_test, "num_test"), (seed, "data_seed")):
         if n < 0:
             raise ZolmError(f"{what} must be >= 0, got {n}")
     test_rows = load_rows(spec, spec.test_split, data_dir)

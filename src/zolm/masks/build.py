@@ -6,14 +6,15 @@
 statistics (2 floats per maskable weight) plus the running sum (1 float), never all tasks at once.
 ``random`` and ``magnitude`` need no data.
 
-Maskable weights (papers.md 5.4): by default the linear weights inside the decoder blocks, matched by name
-(``MASKABLE``: Llama/Mistral/Qwen q/k/v/o/gate/up/down_proj, OPT q/k/v/out_proj and fc1/fc2); embeddings, norms,
-biases and the LM head stay frozen.
+Maskable weights (papers.md 5.4): by default the weights of the linear (or GPT-2 Conv1D, stored ``[in, out]``)
+layers inside the decoder blocks that :mod:`zolm.blocks` finds, for any architecture (``MASKABLE``); embeddings,
+norms, biases and the LM head stay frozen. Masks follow the stored layout: a Conv1D's rows are its input
+features. A fisher curvature on a calibration set that fits one mini-batch splits it in two (logged).
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,15 +22,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from zolm.blocks import block_linear_names
 from zolm.data.encode import Encoded, training_batch
 from zolm.errors import ZolmError
 from zolm.eval.scoring import task_loss
 from zolm.masks.calibrate import gradient_stats
 from zolm.masks.importance import ImportanceConfig, normalized_task_score, score_terms
 from zolm.masks.multitask import check_kind, check_ratio, magnitude_mask, overlap_stats, random_mask, topk_row_mask
+from zolm.utils.patterns import compile_patterns
 from zolm.zo.rng import derive_seed, pack_mask
 
-MASKABLE = (r"\.(q|k|v|o|gate|up|down)_proj\.weight$", r"\.(out_proj|fc1|fc2)\.weight$")
+log = logging.getLogger(__name__)
+
+BLOCK_LINEARS = "<decoder block linears>"  # stands for the weights of every linear / Conv1D layer of the blocks
+MASKABLE = (BLOCK_LINEARS,)
 
 
 @dataclass
@@ -69,12 +75,16 @@ def maskable_weights(model: nn.Module, patterns: Sequence[str] = MASKABLE, inclu
                      exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """``{name: parameter}`` of the 2-D weights matching one of ``patterns`` (and ``include`` if given), not
     ``exclude``; in ``named_parameters`` order. Raises ZolmError when nothing matches."""
-    pats = [re.compile(p) for p in patterns]
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
+    exact = set()
+    if BLOCK_LINEARS in patterns:
+        exact = {f"{n}.weight" for n in block_linear_names(model)}
+        patterns = [p for p in patterns if p != BLOCK_LINEARS]
+    pats = compile_patterns(patterns, "mask_params")
+    inc = compile_patterns(include, "train_params")
+    exc = compile_patterns(exclude, "freeze_params")
     out = {}
     for name, p in model.named_parameters():
-        if not any(r.search(name) for r in pats) or (inc and not any(r.search(name) for r in inc)):
+        if not (name in exact or any(r.search(name) for r in pats)) or (inc and not any(r.search(name) for r in inc)):
             continue
         if any(r.search(name) for r in exc):
             continue
@@ -82,7 +92,8 @@ def maskable_weights(model: nn.Module, patterns: Sequence[str] = MASKABLE, inclu
             raise ZolmError(f"maskable parameter {name} has shape {tuple(p.shape)}; masks need [out, in] weights")
         out[name] = p
     if not out:
-        raise ZolmError(f"no parameter matches the maskable patterns {list(patterns)}; set mask_params")
+        shown = list(patterns) + (["the decoder blocks' linear layers"] if exact else [])
+        raise ZolmError(f"no parameter matches the maskable patterns {shown}; set mask_params")
     return out
 
 
@@ -92,6 +103,18 @@ def calibration_batches(task: TaskData, recipe: MaskRecipe, pad_id: int) -> list
     if not items:
         raise ZolmError(f"task {task.name} has no training example to compute importance from")
     size = recipe.calib_batch_size
+    return [training_batch(items[i:i + size], task.kind, pad_id) for i in range(0, len(items), size)]
+
+
+def _two_batches(task: TaskData, recipe: MaskRecipe, pad_id: int) -> list[dict]:
+    """The calibration examples in two mini-batches (or more), for a fisher curvature on a small calibration set."""
+    items = task.examples[:recipe.calib_examples]
+    if len(items) < 2:
+        raise ZolmError(f"task {task.name}: the fisher curvature needs >= 2 calibration examples, got {len(items)}; "
+                        "raise mazo_calib_examples or use mazo_curvature activation")
+    size = (len(items) + 1) // 2
+    log.warning("task %s: %d calibration example(s) make one mini-batch of %d; the fisher curvature needs two or "
+                "more: using mini-batches of %d", task.name, len(items), recipe.calib_batch_size, size)
     return [training_batch(items[i:i + size], task.kind, pad_id) for i in range(0, len(items), size)]
 
 
@@ -108,8 +131,7 @@ def importance_masks(model: nn.Module, weights: dict[str, torch.Tensor], tasks: 
     for task in tasks:
         batches = calibration_batches(task, recipe, pad_id)
         if cfg.curvature == "fisher" and len(batches) < 2:  # h = g^2 of one batch: S_global = 1/2 everywhere
-            raise ZolmError(f"task {task.name}: the fisher curvature needs >= 2 calibration mini-batches, got "
-                            f"{len(batches)}; lower mazo_calib_batch_size or raise mazo_calib_examples")
+            batches = _two_batches(task, recipe, pad_id)
         examples += min(recipe.calib_examples, len(task.examples))
         stats = gradient_stats(model, batches, lambda m, b, k=task.kind: task_loss(m, b, k), names,
                                activations=cfg.curvature == "activation")

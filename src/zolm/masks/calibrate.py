@@ -41,7 +41,10 @@ def gradient_stats(model: nn.Module, batches: Iterable[dict], loss_fn: Callable[
     if missing:
         raise ZolmError(f"no parameter named {missing[0]!r} in the model")
     targets = [params[n] for n in names]
-    stats = {n: GradStats.zeros(p, activations) for n, p in zip(names, targets)}
+    # GPT-2's Conv1D stores its weight [in, out]: its input features are the rows
+    stats = {n: GradStats.zeros(p, activations, transposed=activations and not isinstance(owner_module(model, n),
+                                                                                         nn.Linear))
+             for n, p in zip(names, targets)}
     flags = {n: p.requires_grad for n, p in params.items()}
     hooks = []
     if activations:

@@ -77,12 +77,14 @@ class GradStats:
     batches: int = 0
     act_sq_sum: torch.Tensor | None = None
     tokens: int = 0
+    transposed: bool = False  # the weight is stored [in, out] (GPT-2 Conv1D): inputs index its rows
 
     @classmethod
-    def zeros(cls, weight: torch.Tensor, activations: bool = False) -> GradStats:
+    def zeros(cls, weight: torch.Tensor, activations: bool = False, transposed: bool = False) -> GradStats:
         z = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        act = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device) if activations else None
-        return cls(z, z.clone(), 0, act, 0)
+        size = weight.shape[0 if transposed else 1]
+        act = torch.zeros(size, dtype=torch.float32, device=weight.device) if activations else None
+        return cls(z, z.clone(), 0, act, 0, transposed)
 
     def add_grad(self, g: torch.Tensor) -> None:
         g = g.detach().float()
@@ -100,12 +102,13 @@ class GradStats:
         return self.grad_sum / max(1, self.batches)
 
     def curvature(self, kind: str) -> torch.Tensor:
-        """h: ``[out, in]`` (fisher) or ``[1, in]`` (activation, the same for every row)."""
+        """h: ``[out, in]`` (fisher) or ``[1, in]`` (activation, the same for every row; ``[in, 1]`` for a weight
+        stored transposed)."""
         if kind == "fisher":
             return self.grad_sq_sum / max(1, self.batches)
         if self.act_sq_sum is None:
             raise ZolmError("activation curvature needs input statistics (collect them with activations=True)")
-        return (self.act_sq_sum / max(1, self.tokens)).unsqueeze(0)
+        return (self.act_sq_sum / max(1, self.tokens)).unsqueeze(1 if self.transposed else 0)
 
 
 def greedy_term(g: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zolm.blocks import is_linear, out_in
 from zolm.errors import ZolmError
 from zolm.quant.formats import QuantConfig, QuantFormat
 from zolm.quant.primitives import compute_scales, dequantize, group_view, quantize
@@ -48,11 +49,12 @@ class QuantLinear(nn.Module):
         self.delta_hook: Callable[[QuantLinear, torch.Tensor], None] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: QuantFormat, act_bits: int | None = None) -> QuantLinear:
-        """Quantize an nn.Linear with absmax scales and round-to-nearest codes."""
-        w = linear.weight.detach()
+    def from_linear(cls, linear: nn.Module, fmt: QuantFormat, act_bits: int | None = None) -> QuantLinear:
+        """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is stored ``[in, out]``) with absmax scales and
+        round-to-nearest codes."""
+        w = out_in(linear).detach().contiguous()  # [out, in] for both
         group_view(w, fmt.group_size)  # validates the group size against this layer
-        q = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, act_bits, w.device)
+        q = cls(w.shape[1], w.shape[0], fmt, linear.bias is not None, act_bits, w.device)
         q.scale.copy_(compute_scales(w, fmt))
         q.qweight.copy_(quantize(w, q.scale, fmt))
         if linear.bias is not None:
@@ -142,8 +144,8 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, tied: bool | None = None) -> nn.Module:
-    """Replace, in place, every nn.Linear (but ``config.skip`` names) with a QuantLinear, and the token
-    embedding (with a tied LM head) with QuantEmbedding when ``config.embed_bits`` is set.
+    """Replace, in place, every nn.Linear and GPT-2 Conv1D (but ``config.skip`` names) with a QuantLinear, and the
+    token embedding (with a tied LM head) with QuantEmbedding when ``config.embed_bits`` is set.
 
     ``filter_fn(module, name)`` narrows the linear layers further; ``tied`` says whether the LM head shares
     the embedding (default: detected). The model keeps its transformers class; ``model.config.zolm_quantization``
@@ -156,7 +158,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
     if tied is None:
         tied = head is not None and getattr(head, "weight", None) is emb.weight
     skip = config.skip + (("lm_head",) if tied and config.embed_bits is not None else ())
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    targets = [(n, m) for n, m in model.named_modules() if is_linear(m)
                and not any(s in n for s in skip) and (filter_fn is None or filter_fn(m, n))]
     if not targets:
         raise ZolmError("no linear layer to quantize")

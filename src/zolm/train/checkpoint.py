@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zolm.utils.io import atomic_dir, atomic_write_json
+from zolm.zo.optimizer import DivergenceError
 
 
 def flatten_optimizer(opt: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -41,8 +42,16 @@ def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
 
 def save_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     opt: torch.optim.Optimizer | None = None) -> None:
-    """Write weights, optimiser and loop state to ``path`` (replaced atomically)."""
+    """Write weights, optimiser and loop state to ``path`` (replaced atomically).
+
+    Only finite state is written: a non-finite weight or optimiser tensor (an update that overflowed, e.g. in
+    float16) raises DivergenceError and leaves the previous checkpoint at ``path`` as the last good one.
+    """
     otensors, ometa = flatten_optimizer(opt)
+    bad = nonfinite({**weights, **{f"optimizer.{k}": v for k, v in otensors.items()}})
+    if bad:
+        raise DivergenceError(f"{len(bad)} tensor(s) are not finite after step {state.get('step')} (e.g. {bad[0]}); "
+                              f"{Path(path).name} not written")
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if opt is not None:
@@ -61,6 +70,13 @@ def load_checkpoint(path: str | Path, opt: torch.optim.Optimizer | None = None
         unflatten_optimizer(opt, load_file(str(path / "optimizer.safetensors")),
                             json.loads((path / "optimizer.json").read_text()))
     return weights, state
+
+
+@torch.no_grad()
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [n for n, t in tensors.items() if t.is_floating_point()
+            and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]  # fp8: no isfinite
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 A run directory holds:
     run_config.json   the resolved FinetuneConfig           metrics.jsonl  one JSON line per step / eval
-    replay.jsonl      ZO replay log (seeds, grads, lr)        loss.png       loss curve (+ dev metric)
+    replay.jsonl      ZO replay log (grads, lr, hashes)       loss.png       loss curve (+ dev metric)
     checkpoint/       latest state, for resuming              best/          best-on-dev trainable weights
     model/            final model (save_pretrained)           adapter/       LoRA adapter (fo-lora)
     results.json      metrics before / after, timings
@@ -16,9 +16,9 @@ gradients, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,16 +32,17 @@ from zolm.errors import ZolmError
 from zolm.eval.evaluate import evaluate_items
 from zolm.train.batches import Mixture
 from zolm.train.build import build_method
-from zolm.train.checkpoint import copy_into, load_checkpoint, save_checkpoint
-from zolm.train.config import FinetuneConfig, config_diff
+from zolm.train.checkpoint import copy_into, load_checkpoint, nonfinite, save_checkpoint
+from zolm.train.config import FinetuneConfig
 from zolm.train.methods import StepBatch
 from zolm.train.plot import plot_loss
+from zolm.train.rundir import prepare_run_dir
 from zolm.utils import dist
 from zolm.utils.devices import resolve_device, use_device
 from zolm.utils.io import JsonlWriter, atomic_write_json, read_jsonl
 from zolm.utils.log import progress
 from zolm.zo.optimizer import DivergenceError
-from zolm.zo.replay import replay_header
+from zolm.zo.replay import ReplayWriter, replay_header, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +54,26 @@ def lr_at(config: FinetuneConfig, step: int) -> float:
     return o.lr
 
 
-def _prepare_out(config: FinetuneConfig, overwrite: bool) -> dict | None:
-    """Create the run directory; return the checkpoint state to resume from, if any."""
-    out = Path(config.out)
-    if not config.out:
-        raise ZolmError("an output directory is required (--out)")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    ckpt = out / "checkpoint" / "state.json"
-    if ckpt.is_file():
-        state = json.loads(ckpt.read_text())
-        if state["config"] != config.to_dict():
-            diff = config_diff(state["config"], config.to_dict())
-            raise ZolmError(f"{out} holds a run with another config (differs in: {', '.join(diff)}); "
-                            "use --overwrite or another --out")
-        return state
-    if out.exists() and any(out.iterdir()):
-        raise ZolmError(f"{out} exists and is not empty; use --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+def _prepare_out(config: FinetuneConfig, overwrite: bool, stack: contextlib.ExitStack) -> dict | None:
+    """Lock the run directory (released when ``stack`` closes); return the checkpoint state to resume from."""
+    lock, state = prepare_run_dir(config.out, config.to_dict(), overwrite, [config.model, config.data_dir])
+    stack.callback(lock.release)
+    return state
 
 
 class _Quiet:
     """Stands in for a log writer on workers other than rank 0."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def checkpoint(self, step: int, digest: str) -> None:
+        pass
+
+    def end(self, step: int, digest: str) -> None:
         pass
 
     def close(self) -> None:
@@ -122,8 +118,14 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     """Fine-tune ``config.model`` on ``config.task`` (one task or a comma-separated mixture).
 
     Returns the results dict. ``callbacks`` are called as ``cb(step, record)`` after every step (tests use
-    one to interrupt a run).
+    one to interrupt a run). The run directory is locked while it runs (zolm.train.rundir).
     """
+    with contextlib.ExitStack() as stack:
+        return _finetune(config, overwrite, callbacks, stack)
+
+
+def _finetune(config: FinetuneConfig, overwrite: bool, callbacks: Sequence[Callable[[int, dict], None]],
+              stack: contextlib.ExitStack) -> dict:
     device = placement(config)
     distributed = dist.init(device)
     main = dist.is_main()
@@ -136,7 +138,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     for name, s in zip(names, all_splits):
         if not s.train:
             raise ZolmError(f"task {name} has no training examples with these settings")
-    resume = _prepare_out(config, overwrite) if main else None
+    resume = _prepare_out(config, overwrite, stack) if main else None
     dist.barrier()
     out = Path(config.out)
     if not main and (out / "checkpoint" / "state.json").is_file():
@@ -161,9 +163,10 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     metrics = JsonlWriter(out / "metrics.jsonl", truncate_after=start if resume else None) if main else _Quiet()
     replay = None
     if method.is_zo:
-        replay = JsonlWriter(out / "replay.jsonl", truncate_after=start if resume else None) if main else _Quiet()
-        if not resume:
-            replay.write(replay_header(config.to_dict(), method.optimizer.header()))
+        header = None if resume else replay_header(config.to_dict(), method.optimizer.header(),
+                                                   tensors_digest(method.model.state_dict()) if main else None)
+        replay = ReplayWriter(out / "replay.jsonl", header, start if resume else None,
+                              method.optimizer.seeds_for) if main else _Quiet()
     pad = tok.pad_token_id
 
     def evaluate(split: list, desc: str) -> dict:
@@ -201,7 +204,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
                 record["task_loss"] = dict(zip(names, method.last_task_losses))
             metrics.write(record)
             if replay is not None:
-                replay.write(result.to_json())
+                replay.step(result.to_json())
             bar.set_postfix(loss=f"{loss:.4f}")
             for cb in callbacks:
                 cb(step, record)
@@ -216,6 +219,8 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
                     plot_loss(read_jsonl(out / "metrics.jsonl"), out / "loss.png", title)
             state["step"] = step
             if main and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
+                if replay is not None and not nonfinite(trainable):
+                    replay.checkpoint(step, tensors_digest(trainable))  # before the write: a kill drops both
                 save_checkpoint(out / "checkpoint", trainable, state, method.torch_optimizer)
     except DivergenceError as e:
         metrics.write({"step": state["step"] + 1, "event": "diverged", "message": str(e)})
@@ -224,7 +229,8 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
                               {"status": "diverged", "message": str(e), **_summary(config, state)})
         where = (f"last good checkpoint: {out / 'checkpoint'} (step {_ckpt_step(out)})"
                  if (out / "checkpoint").exists() else "no checkpoint was written yet")
-        raise ZolmError(f"training diverged: {e}; stopped, {where}") from None
+        raise ZolmError(f"training diverged: {e}; stopped, {where} (resuming repeats the same steps: lower --lr "
+                        "and use --overwrite or another --out)") from None
     finally:
         bar.close()
         metrics.close()
@@ -235,7 +241,7 @@ def finetune(config: FinetuneConfig, overwrite: bool = False,
     selected = state["best_step"] or config.steps
     after = evaluate(test, "test (after)") if any(test) else {}
     if replay is not None:
-        replay.write({"event": "end", "selected_step": selected})
+        replay.end(selected, tensors_digest(trainable) if main else "")
         replay.close()
     results = {"status": "done", **_summary(config, state), "selected_step": selected, "after": after}
     if distributed:

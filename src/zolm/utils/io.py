@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zolm.errors import ZolmError
+from zolm.utils.outputs import is_write_error, write_error
 
 
 def _umask() -> int:
@@ -28,8 +29,11 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -37,9 +41,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_write_error(e):
+            raise write_error(e, path) from None
         raise
 
 
@@ -59,30 +65,69 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     aside, the new directory is renamed into place, then the old one is deleted.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
+        raise write_error(e, path) from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise write_error(e, path) from None
         raise
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, path)  # a kill between the two renames leaves old + tmp: recover_dir puts old back
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON Lines file; a malformed line raises ZolmError naming the file and line number."""
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what an interrupted :func:`atomic_dir` left next to ``path``.
+
+    A kill between its two renames leaves ``.<name>.old`` (the previous, complete directory) and no ``path``:
+    the old one is put back. Temporary ``.<name>.*.tmp`` directories (complete or not) are deleted, as is an
+    ``.old`` left behind once ``path`` is in place.
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+
+def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of every non-blank line of a JSON Lines file.
+
+    A line that is not UTF-8, not JSON or not a JSON object raises ZolmError naming the file and line number.
+    """
     path = Path(path)
     if not path.is_file():
         raise ZolmError(f"no such file: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ZolmError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -91,8 +136,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise ZolmError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ZolmError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON Lines file; a malformed line raises ZolmError naming the file and line number."""
+    return [row for _, row in read_jsonl_numbered(path)]
 
 
 class JsonlWriter:
@@ -113,11 +163,21 @@ class JsonlWriter:
         elif self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get(key, -1) <= truncate_after]
             atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(e, self.path) from None
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._f.flush()
+        self.write_line(json.dumps(record, separators=(",", ":")))
+
+    def write_line(self, line: str) -> None:
+        """Append one already serialised record (no newline) and flush it."""
+        try:
+            self._f.write(line + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise write_error(e, self.path) from None
 
     def close(self) -> None:
         self._f.close()

@@ -7,13 +7,13 @@ The scalar (L+ - L-) / (2 eps) is the "projected gradient"; the update regenerat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from zolm.errors import ZolmError
+from zolm.utils.patterns import compile_patterns
 from zolm.zo.rng import axpy_z_, pack_mask, tensor_key
 
 
@@ -35,8 +35,8 @@ class ParamSet:
 
     def __init__(self, model: nn.Module, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, masks: dict[str, torch.Tensor] | None = None):
-        inc = [re.compile(p) for p in include] if include else None
-        exc = [re.compile(p) for p in exclude or ()]
+        inc = compile_patterns(include, "train_params") if include else None
+        exc = compile_patterns(exclude or (), "freeze_params")
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         for name, p in model.named_parameters():
