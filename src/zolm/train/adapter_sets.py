@@ -23,6 +23,7 @@ from torch import nn
 
 from zolm import models
 from zolm.adapters import ADAPTER_PATTERN, TTAdapterConfig, add_tt_adapters, merge_adapters, save_adapters
+from zolm.blocks import lora_targets
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.train.config import FinetuneConfig
@@ -51,12 +52,13 @@ def wrap_lora(model, config: FinetuneConfig):
     from peft import LoraConfig, get_peft_model
 
     opts = config.train.lora
+    targets = list(opts.targets) or lora_targets(model)  # resolved from the architecture, the same on replay
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in opts.targets if t not in names]
+    missing = [t for t in targets if t not in names]
     if missing:
         raise ZolmError(f"LoRA target module(s) {', '.join(missing)} not in the model; "
                         f"e.g.: {', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])}")
-    lora = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=list(opts.targets),
+    lora = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=targets,
                       task_type="CAUSAL_LM")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         lora._register_custom_module({QuantLinear: _quant_lora_class()})

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from zolm import models
+from zolm.blocks import is_linear, out_in
 from zolm.errors import ZolmError
 from zolm.quant.formats import QuantFormat
 from zolm.quant.linear import QuantLinear, quantize_
@@ -49,15 +50,17 @@ class STEQuant(nn.Module):
     (QuZO's float-master runs: the grid is set once, round to nearest onto it).
     """
 
-    def __init__(self, fmt, scale: torch.Tensor | None = None):
+    def __init__(self, fmt, scale: torch.Tensor | None = None, transposed: bool = False):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.transposed = fmt, transposed  # transposed: a GPT-2 Conv1D weight, stored [in, out]
         self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            scale = self.scale if self.scale is not None else compute_scales(w, self.fmt)
-            wq = dequantize(quantize(w, scale, self.fmt), scale, self.fmt).to(w.dtype)
+            v = w.t() if self.transposed else w
+            scale = self.scale if self.scale is not None else compute_scales(v, self.fmt)
+            wq = dequantize(quantize(v, scale, self.fmt), scale, self.fmt).to(w.dtype)
+            wq = wq.t() if self.transposed else wq
         return w + (wq - w).detach()
 
 
@@ -69,17 +72,19 @@ def fake_quantize_(model, config: FinetuneConfig) -> None:
     fixed = config.base.fake_scales == "fixed"
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is emb.weight
-    targets = [(mod, qc.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
+    targets = [(mod, qc.weight) for name, mod in model.named_modules() if is_linear(mod)
                and not any(s in name for s in qc.skip) and not (tied and mod is head)]
     if qc.embed_bits is not None:  # the saved model stores the embedding (and a tied head) per row in INT
         efmt = QuantFormat("int", qc.embed_bits, fp16_scales=bool(qc.embed_fp16_scales))
         targets += [(emb, efmt)] + ([(head, efmt)] if tied else [])
     scales = {}
     for mod, fmt in targets:
+        transposed = is_linear(mod) and not isinstance(mod, nn.Linear)
+        view = out_in(mod) if is_linear(mod) else mod.weight
         if fixed and id(mod.weight) not in scales:
-            scales[id(mod.weight)] = compute_scales(mod.weight, fmt)
+            scales[id(mod.weight)] = compute_scales(view, fmt)
         scale = scales.get(id(mod.weight))
-        parametrize.register_parametrization(mod, "weight", STEQuant(fmt, scale), unsafe=True)
+        parametrize.register_parametrization(mod, "weight", STEQuant(fmt, scale, transposed), unsafe=True)
 
 
 @torch.no_grad()
@@ -93,7 +98,8 @@ def bake_fake_quant_(model, config: FinetuneConfig):
             scale = mod.parametrizations.weight[0].scale
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             if scale is not None:
-                fixed[name], masters[name] = scale, mod.weight.detach().clone()
+                view = out_in(mod) if is_linear(mod) else mod.weight
+                fixed[name], masters[name] = scale, view.detach().clone()
     quantize_(model, config.base.quant_config())
     for name, scale in fixed.items():
         q = model.get_submodule(name)

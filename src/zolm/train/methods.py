@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from zolm.train.config import FinetuneConfig
 from zolm.train.sparsity import mask_gradients_, sparsity_masks
 from zolm.train.trainables import Trainables
 from zolm.utils.dist import Reducer, all_reduce_
+from zolm.utils.patterns import compile_patterns
 from zolm.zo.optimizer import DivergenceError, StepRecord, ZOConfig, ZOOptimizer
 from zolm.zo.rng import derive_seed
 from zolm.zo.spsa import ParamSet
@@ -176,8 +176,8 @@ class FOMethod(_Saving):
         self.last_task_losses: list[float] = []
         torch.manual_seed(config.seed)
         self.model = model = trainables.model
-        inc = [re.compile(p) for p in trainables.include]
-        exc = [re.compile(p) for p in trainables.exclude]
+        inc = compile_patterns(trainables.include, "--train-params")
+        exc = compile_patterns(trainables.exclude, "--freeze-params")
         for name, p in model.named_parameters():
             p.requires_grad_(any(r.search(name) for r in inc) and not any(r.search(name) for r in exc))
         self.reducer = Reducer()

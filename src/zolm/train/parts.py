@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 
 from zolm.errors import ZolmError
 from zolm.utils.configs import check_choices, option
+from zolm.utils.patterns import compile_patterns
 from zolm.zo.precision import HALF_MODES
 
 BASE_KINDS = ("float", "fake-quant", "low-bit")
@@ -29,16 +30,6 @@ ESTIMATORS = ("spsa", "backprop")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "linear")
 QUERY_SCHEDULES = ("fixed", "adaptive")
-
-
-def _patterns(patterns: list[str], what: str) -> None:
-    import re
-
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ZolmError(f"{what}: invalid regular expression {p!r} ({e})") from None
 
 
 def _flag(obj, name: str) -> str:
@@ -100,12 +91,12 @@ class LoRAOptions:
 
     r: int = option(8, "LoRA rank", flag="lora_r")
     alpha: int = option(16, "LoRA alpha (scaling alpha / r)", flag="lora_alpha")
-    targets: list[str] = option(["q_proj", "v_proj"], "LoRA target module names", flag="lora_targets")
+    targets: list[str] = option([], "LoRA target module names (default by architecture: the query and value "
+                                "projections, e.g. Llama/OPT q_proj v_proj, GPT-2 c_attn, NeoX query_key_value)",
+                                flag="lora_targets")
 
     def __post_init__(self) -> None:
         _at_least(self, ("r",), 1)
-        if not self.targets:
-            raise ZolmError("train.lora.targets must name at least one module")
 
 
 @dataclass
@@ -189,9 +180,9 @@ class TrainableSet:
 
     def __post_init__(self) -> None:
         check_choices(self, "train")
-        _patterns(self.params, "--train-params")
-        _patterns(self.freeze, "--freeze-params")
-        _patterns(self.mask.params, "--mask-params")
+        compile_patterns(self.params, "--train-params")
+        compile_patterns(self.freeze, "--freeze-params")
+        compile_patterns(self.mask.params, "--mask-params")
 
 
 @dataclass

@@ -9,7 +9,6 @@ wherever ``base.keep_sparsity`` is set (zolm.train.sparsity).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from zolm import models
 from zolm.errors import ZolmError
 from zolm.train.config import FinetuneConfig
+from zolm.utils.patterns import compile_patterns
 
 Saver = Callable[[nn.Module, Path, object], None]
 
@@ -54,8 +54,8 @@ def all_set(model, config: FinetuneConfig) -> Trainables:
     if config.trains_codes:
         from zolm.quant.linear import quantized_modules
 
-        inc = [re.compile(p) for p in t.params]
-        exc = [re.compile(p) for p in t.freeze]
+        inc = compile_patterns(t.params, "--train-params")
+        exc = compile_patterns(t.freeze, "--freeze-params")
         layers = [(n, m) for n, m in quantized_modules(model)
                   if (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)]
         if not layers:
