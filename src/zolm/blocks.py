@@ -51,12 +51,24 @@ def out_in(layer: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor
     For ``nn.Linear`` this is the tensor itself; for ``Conv1D`` (weight ``[in, out]``) it is the transpose, a
     view, so in-place writes such as ``out_in(layer).masked_fill_(...)`` reach the stored weight.
     """
+    if tensor is None and getattr(layer, "weight", None) is None:
+        raise ZolmError(f"{type(layer).__name__} stores low-bit codes, not a float weight: export the model to float "
+                        "first (zolm export --format hf)")
     t = layer.weight.data if tensor is None else tensor
     return t if isinstance(layer, nn.Linear) else t.t()
 
 
+def is_low_bit_linear(module: nn.Module) -> bool:
+    """A zolm QuantLinear (codes + scales, no float weight), recognised by its attributes (zolm.quant is above)."""
+    return getattr(module, "qweight", None) is not None and hasattr(module, "in_features")
+
+
+def _structural(module: nn.Module) -> bool:
+    return is_linear(module) or is_low_bit_linear(module)
+
+
 def _holds_linear(module: nn.Module) -> bool:
-    return any(is_linear(m) for m in module.modules())
+    return any(_structural(m) for m in module.modules())
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -85,7 +97,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     """The linear layers of one block by their name inside it (``self_attn.q_proj``, ``mlp.down_proj``...)."""
-    layers = {name: m for name, m in block.named_modules() if name and is_linear(m)}
+    layers = {name: m for name, m in block.named_modules() if name and _structural(m)}
     if not layers:
         raise ZolmError(f"block {type(block).__name__} has no linear layers to prune")
     return layers
@@ -258,7 +270,8 @@ def lora_targets(model: nn.Module) -> list[str]:
     qv = [leaves[n] for n in attn if leaves[n][:1].lower() in ("q", "v") and "qkv" not in leaves[n].lower()]
     if len(qv) == 2:
         return sorted(qv, key=lambda n: n[0].lower() != "q")  # query first (OPT registers k, v, q)
-    widest = max(attn, key=lambda n: out_in(layers[n]).shape[0])
+    widest = max(attn, key=lambda n: layers[n].out_features if is_low_bit_linear(layers[n])
+                 else out_in(layers[n]).shape[0])
     return [leaves[widest]]
 
 

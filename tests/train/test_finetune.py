@@ -129,7 +129,7 @@ def test_run_directory_guards(tiny_llama_dir, data_dir, tmp_path):
 
 def test_config_validation():
     valid = ("adazeta, adazeta-int4, fo-adamw, fo-lora, fo-sgd, fo-ste, fo-tt, mazo, mezo, mezo-lora, "
-             "mezo-magnitude-mask, mezo-random-mask, quant-mezo, quzo, quzo-lora")
+             "mezo-magnitude-mask, mezo-random-mask, quant-mezo, quzo, quzo-fm, quzo-lora")
     with pytest.raises(ZolmError, match=f"unknown method 'sgd'; valid: {valid}"):
         FinetuneConfig.of(out="x", method="sgd")
     with pytest.raises(ZolmError, match="steps must be >= 1"):
