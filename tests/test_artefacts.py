@@ -7,6 +7,7 @@ prints the folder's own text), and one that they can read must give the logits z
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +207,30 @@ def test_unpruned_compressed_tensors_folders_declare_no_sparsity(tiny_llama_dir,
     quantize_(model, QuantConfig(weight=QuantFormat("int", 4, group_size=32)))
     save_ct(model, tok, tmp_path / "ct")
     assert "sparsity_config" not in json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_tt_adapter_directories_merge_into_plain_transformers_or_name_zolm(tiny_llama_dir, data_dir, tmp_path,
+                                                                         activation, capsys):
+    """zolm export --format hf merges an identity TT adapter directory into a plain model with zolm's logits;
+    a ReLU one is refused in one line (nothing but zolm runs it), and zolm eval takes both directories."""
+    from zolm.adapters import load_model_with_adapters
+    from zolm.cli import main
+
+    out = _run(tiny_llama_dir, data_dir, tmp_path / "tt", "fo-tt", tt_activation=activation, tt_rank=2,
+               tt_bottleneck=8)
+    adapted = load_model_with_adapters(out / "adapter")[0]
+    status = main(["export", "--model", str(out / "adapter"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    if activation == "identity":
+        assert status == 0
+        torch.testing.assert_close(_logits(_plain(tmp_path / "hf")), _logits(adapted), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_logits(_plain(out / "model")), _logits(adapted), rtol=1e-5, atol=1e-5)
+    else:
+        assert status == 2 and not (tmp_path / "hf").exists()
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "relu TT adapters, which do not fold" in err and "zolm eval" in err
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat . " * 20)
+    assert main(["eval", "--model", str(out / "adapter"), "--perplexity", str(text), "--seq-len", "16"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl > 1 and np.isfinite(ppl)
