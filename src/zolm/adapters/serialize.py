@@ -9,7 +9,7 @@ folder with a message naming zolm: ``peft_type`` is ``ZOLM_TT (...)``, a type pe
 What needs zolm: a TT adapter is a bottleneck adapter x -> x + s * U(act(D x)) with tensor-train factored D and U,
 a type peft does not have. With the identity activation it is an affine map and folds into the wrapped layer's
 weight and bias (:func:`zolm.adapters.merge_adapters`; ``zolm export --model DIR --format hf`` writes the merged
-plain transformers model, and gguf from it); with ReLU (AdaZeta's default) it cannot be folded, so only zolm
+plain transformers model); with ReLU (AdaZeta's default) it cannot be folded, so only zolm
 (``load_model_with_adapters``, ``zolm eval --model DIR``) runs it.
 """
 
