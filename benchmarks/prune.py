@@ -11,7 +11,10 @@ Protocol (defaults; every value is in the output's "protocol"):
   * perplexity: WikiText-2 raw test, windows of 512 tokens, the first 64 (32,768 tokens; the full test set at
     2048 is ~140 windows, too slow for two CPU cores);
   * zero-shot: piqa, arc_easy, arc_challenge, winogrande, openbookqa, boolq, rte, 200 seeded examples each
-    (load_splits seed 0), accuracy by mean option log-probability; "zero_shot_avg" is their mean;
+    (seed 0), scored as lm-evaluation-harness does (--zs-protocol lm-eval, the default: its prompts, acc and
+    acc_norm, zolm.eval.zero_shot; docs/results.md shows it equals lm-eval) or by zolm's older protocol
+    (--zs-protocol zolm: training templates, mean option log-probability, the figures of issue 6);
+    "zero_shot_avg" is the mean acc, "zero_shot_norm" holds acc_norm where lm-eval reports it;
   * memory: peak RSS while pruning (VmHWM, reset once the model's weights are resident and the calibration ids
     built), the RSS at that point, their difference (what pruning adds), the two [N, L, H] activation buffers
     pruning keeps, and what holding every block's activations would take instead.
@@ -59,6 +62,7 @@ def worker(spec: dict) -> dict:
     from zolm.data.tasks import load_splits
     from zolm.eval.evaluate import evaluate_items
     from zolm.eval.perplexity import perplexity, read_wikitext
+    from zolm.eval.zero_shot import evaluate_lm_eval, sample_rows
     from zolm.prune import PruneConfig, prune_
 
     p = spec["protocol"]
@@ -96,11 +100,19 @@ def worker(spec: dict) -> dict:
     ids = torch.tensor(tok(read_wikitext(DATA / "wikitext2" / "wiki.test.raw"))["input_ids"], dtype=torch.long)
     t0 = time.perf_counter()
     row["wikitext2_ppl"] = round(perplexity(model, ids, p["ppl_seqlen"], p["ppl_windows"])["perplexity"], 3)
-    accs = {}
+    accs, norms = {}, {}
     for task in p["tasks"]:
+        if p.get("zs_protocol", "zolm") == "lm-eval":
+            r = evaluate_lm_eval(model, tok, task, sample_rows(task, DATA, p["zs_n"], 0), 16)
+            accs[task] = round(r["acc"], 4)
+            if "acc_norm" in r:
+                norms[task] = round(r["acc_norm"], 4)
+            continue
         s = load_splits(task, DATA, num_train=0, num_dev=0, num_test=p["zs_n"], seed=0)
         accs[task] = round(evaluate_items(model, tok, encode_all(tok, s.test), s.task.kind, 16)["accuracy"], 4)
     row["zero_shot"] = accs
+    if norms:
+        row["zero_shot_norm"] = norms
     row["zero_shot_avg"] = round(sum(accs.values()) / len(accs), 4) if accs else None
     row["eval_s"] = round(time.perf_counter() - t0, 1)
     return row
@@ -132,6 +144,8 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"subset of {','.join(SETTINGS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    ap.add_argument("--zs-protocol", choices=("lm-eval", "zolm"), default="lm-eval",
+                    help="zero-shot scoring: lm-eval's (default) or zolm's older protocol (issue 6's figures)")
     for key, value in FULL.items():
         ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
     args = ap.parse_args()
@@ -142,6 +156,7 @@ def main() -> None:
     protocol.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     protocol["tasks"] = list(TASKS) if protocol["zs_n"] > 0 else []  # --zs-n 0: perplexity only
     protocol["calibration"] = "c4"
+    protocol["zs_protocol"] = args.zs_protocol
     settings = [s for s in args.settings.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     bad = [x for x in settings if x not in SETTINGS] + [x for x in methods if x not in METHODS]

@@ -10,7 +10,7 @@ tests/eval/test_lm_eval_protocol.py.) It also reports the old zolm protocol (tra
 log-probability per token) on the same documents. Prints one JSON line.
 
 Reproduce:  .venv/bin/python benchmarks/zero_shot_lm_eval.py --num-test 200    (about 15 minutes on 2 cores)
-            .venv/bin/pip install -c constraints.txt lm-eval                  (first, for the lm-eval column)
+            .venv/bin/pip install -c constraints.txt -e '.[harness]'          (first, for the lm-eval column)
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA  # noqa: E402
 
+HARNESS_INSTALL = "pip install -c constraints.txt -e '.[harness]'  (lm-eval 0.4.13, an optional extra)"
+
 
 def lm_eval_loglikelihoods(model, tok, pairs: list[tuple[str, str]], batch_size: int) -> list[float] | None:
     try:
         from lm_eval.api.instance import Instance
         from lm_eval.models.huggingface import HFLM
     except ImportError:
+        print(f"lm-eval is not installed, only zolm's scores are printed: {HARNESS_INSTALL}", file=sys.stderr)
         return None
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]

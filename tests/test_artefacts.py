@@ -7,6 +7,7 @@ prints the folder's own text), and one that they can read must give the logits z
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,8 @@ def test_compressed_tensors_folders_load_in_plain_transformers_and_back_in_zolm(
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert cfg["quantization_config"]["format"] == "pack-quantized"
+    if pruned:  # half of each layer's weights, zeroed below the median: not 2:4
+        assert cfg["quantization_config"]["sparsity_config"]["sparsity_structure"] == "unstructured"
     assert torch.equal(_logits(_plain(tmp_path / "ct")), expected), "plain transformers: zolm's logits"
     back = models.load(str(tmp_path / "ct"))[0]
     assert torch.equal(_logits(back), expected)
@@ -160,3 +163,74 @@ def test_zolm_reads_foreign_compressed_tensors_checkpoints(tiny_llama_dir, tmp_p
 
     with pytest.raises(ZolmError, match="symmetric INT4/INT8"):
         models.load(str(tmp_path / "ct"))
+
+
+def test_2_4_int4_compressed_tensors_keeps_its_zeros_in_plain_transformers(tiny_llama_dir, tmp_path):
+    """2:4 magnitude pruning + INT4 g32 -> zolm export --format compressed-tensors: the folder declares the 2:4
+    sparsity (compressed-tensors' own config class parses it), and plain transformers' decompressed weights have
+    zeros wherever zolm's masks do, with zolm's logits."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    from zolm.cli import main
+    from zolm.prune import PruneConfig, prune_
+    from zolm.quant.linear import QuantLinear
+    from zolm.utils.sparse import unpack_mask
+
+    model, tok = models.load(tiny_llama_dir)
+    prune_(model, PruneConfig(method="magnitude", nm="2:4"))
+    quantize_(model, QuantConfig(weight=QuantFormat("int", 4, group_size=32), embed_bits=8))
+    masks = {n: unpack_mask(m.sparsity_mask, m.in_features * m.out_features).view(m.out_features, m.in_features)
+             for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(masks) == 7 * model.config.num_hidden_layers and all(m.float().mean() == 0.5 for m in masks.values())
+    expected = _logits(model)
+    models.save(model, tok, tmp_path / "zolm")
+    assert main(["export", "--model", str(tmp_path / "zolm"), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct")]) == 0
+    sparse = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    parsed = SparsityCompressionConfig.load_from_registry(sparse["format"], **sparse)
+    assert (parsed.format, parsed.sparsity_structure, parsed.targets) == ("dense", "2:4", ["Linear"])
+    assert parsed.global_sparsity == 0.5
+    plain = _plain(tmp_path / "ct")
+    assert torch.equal(_logits(plain), expected), "plain transformers: zolm's logits"
+    for name, keep in masks.items():  # decompressed by the first forward pass
+        w = plain.get_submodule(name).weight
+        assert not w[~keep].any(), name
+        assert torch.equal(w, model.get_submodule(name).dequantize()), name
+
+
+def test_unpruned_compressed_tensors_folders_declare_no_sparsity(tiny_llama_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from zolm.quant.ct import save_ct
+
+    model, tok = models.load(tiny_llama_dir)
+    quantize_(model, QuantConfig(weight=QuantFormat("int", 4, group_size=32)))
+    save_ct(model, tok, tmp_path / "ct")
+    assert "sparsity_config" not in json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_tt_adapter_directories_merge_into_plain_transformers_or_name_zolm(tiny_llama_dir, data_dir, tmp_path,
+                                                                         activation, capsys):
+    """zolm export --format hf merges an identity TT adapter directory into a plain model with zolm's logits;
+    a ReLU one is refused in one line (nothing but zolm runs it), and zolm eval takes both directories."""
+    from zolm.adapters import load_model_with_adapters
+    from zolm.cli import main
+
+    out = _run(tiny_llama_dir, data_dir, tmp_path / "tt", "fo-tt", tt_activation=activation, tt_rank=2,
+               tt_bottleneck=8)
+    adapted = load_model_with_adapters(out / "adapter")[0]
+    status = main(["export", "--model", str(out / "adapter"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    if activation == "identity":
+        assert status == 0
+        torch.testing.assert_close(_logits(_plain(tmp_path / "hf")), _logits(adapted), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_logits(_plain(out / "model")), _logits(adapted), rtol=1e-5, atol=1e-5)
+    else:
+        assert status == 2 and not (tmp_path / "hf").exists()
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "relu TT adapters, which do not fold" in err and "zolm eval" in err
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat . " * 20)
+    assert main(["eval", "--model", str(out / "adapter"), "--perplexity", str(text), "--seq-len", "16"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl > 1 and np.isfinite(ppl)

@@ -23,6 +23,7 @@ from zolm.adapters.serialize import (
     ADAPTER_TYPE,
     is_adapter_dir,
     load_adapters,
+    load_model_or_adapters,
     load_model_with_adapters,
     read_adapter_config,
     save_adapters,

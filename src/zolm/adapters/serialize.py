@@ -5,6 +5,12 @@ placement and, per wrapped module, its side and TT modes; the safetensors file h
 keyed by their parameter names in the adapted model. Loading rebuilds exactly the saved wrappers on a base
 model and copies the tensors in (shapes and names must match). peft, which reads the same file names, refuses the
 folder with a message naming zolm: ``peft_type`` is ``ZOLM_TT (...)``, a type peft does not know (KeyError).
+
+What needs zolm: a TT adapter is a bottleneck adapter x -> x + s * U(act(D x)) with tensor-train factored D and U,
+a type peft does not have. With the identity activation it is an affine map and folds into the wrapped layer's
+weight and bias (:func:`zolm.adapters.merge_adapters`; ``zolm export --model DIR --format hf`` writes the merged
+plain transformers model); with ReLU (AdaZeta's default) it cannot be folded, so only zolm
+(``load_model_with_adapters``, ``zolm eval --model DIR``) runs it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ ADAPTER_TYPE = "zolm-tt"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-PEFT_TYPE = "ZOLM_TT (a zolm TT adapter, not a peft one: load it with zolm.adapters.load_model_with_adapters)"
+PEFT_TYPE = ("ZOLM_TT (a zolm TT adapter, not a peft one: load it with zolm.adapters.load_model_with_adapters "
+             "or zolm eval --model; identity adapters merge into a plain model with zolm export --format hf)")
 
 
 def _zolm_version() -> str:
@@ -150,3 +157,22 @@ def load_model_with_adapters(path: str | Path, dtype: str | torch.dtype = "float
         raise ZolmError(f"{path} does not name its base model; pass base_model")
     model, tok = models.load(base, dtype, device=device)
     return load_adapters(model, path), tok
+
+
+def load_model_or_adapters(name_or_path: str, dtype: str | torch.dtype = "float32", merge: bool = False):
+    """``(model, tokenizer)`` for anything ``zolm.models.load`` takes, and for a TT adapter directory (the base it
+    names with the adapters; ``merge``: folded into a plain transformers model, ZolmError when they are ReLU)."""
+    from zolm import models
+    from zolm.adapters.inject import merge_adapters
+
+    if not is_adapter_dir(name_or_path):
+        return models.load(name_or_path, dtype)
+    model, tok = load_model_with_adapters(name_or_path, dtype)
+    if merge:
+        activation = model.zolm_adapter_config.activation
+        if activation != "identity":
+            raise ZolmError(f"{name_or_path} holds {activation} TT adapters, which do not fold into the weights: "
+                            "no plain transformers / peft / GGUF form exists; run it with zolm "
+                            "(zolm eval --model, zolm.adapters.load_model_with_adapters)")
+        model = merge_adapters(model)
+    return model, tok

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                              ("--seq-len", args.seq_len, 2), ("--max-windows", args.max_windows, 1)):
         if value is not None and value < low:
             raise ZolmError(f"{flag} must be >= {low}, got {value}")
-    from zolm import models
+    from zolm.adapters import load_model_or_adapters
     from zolm.data.tasks import load_splits
     from zolm.data.zero_shot import LM_EVAL
     from zolm.eval.zero_shot import evaluate_lm_eval, sample_rows
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     splits = {name: load_splits(name, args.data_dir, num_train=0, num_dev=0, num_test=args.num_test,
                                 seed=args.data_seed) for name in names}  # data errors before the model loads
     rows = {name: sample_rows(name, args.data_dir, args.num_test, args.data_seed) for name in lm_eval}
-    model, tok = models.load(args.model, args.dtype)
+    model, tok = load_model_or_adapters(args.model, args.dtype)  # also a TT adapter directory (ReLU ones too)
     result: dict = {"model": args.model}
     if splits or rows:
         from zolm.data.encode import encode_all

@@ -10,7 +10,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model as dense safetensors (hf) or GGUF",
                        description="hf: save_pretrained with float weights (low-bit layers dequantized), loadable "
                                    "by plain transformers. gguf: a llama.cpp-compatible GGUF file (Llama family).")
-    p.add_argument("--model", required=True, help="built-in name, local directory (also zolm's low-bit form), hub id")
+    p.add_argument("--model", required=True, help="built-in name, local directory (also zolm's low-bit form, and a "
+                                                  "TT adapter directory with identity adapters: merged), hub id")
     p.add_argument("--format", choices=("hf", "gguf", "compressed-tensors"), required=True,
                    help="hf: float safetensors; gguf: llama.cpp; compressed-tensors: pack-quantized INT4/INT8 "
                         "(transformers and vLLM load it; needs pip install compressed-tensors)")
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zolm import models
+    from zolm.adapters import load_model_or_adapters
     from zolm.errors import ZolmError
     from zolm.export import GGUF_TYPES, export_gguf, to_dense
     from zolm.utils.outputs import check_output
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ZolmError(f"unknown GGUF tensor type {args.gguf_type!r}; valid: {', '.join(GGUF_TYPES)}")
     check_output(args.out, overwrite=args.overwrite, kind="file" if args.format == "gguf" else "directory",
                  inputs=[args.model, args.tokenizer_gguf])
-    model, tok = models.load(args.model)
+    model, tok = load_model_or_adapters(args.model, merge=True)
     if args.format == "hf":
         models.save(to_dense(model), tok, args.out)
         print(json.dumps({"format": "hf", "out": args.out}))

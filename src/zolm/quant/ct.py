@@ -15,6 +15,13 @@ from compressed-tensors, so zolm's INT embedding is stored dequantized (float32:
 its codes on load and keeps the stored codes in ``zolm_extra.safetensors`` (with pruning masks) whenever the
 re-derivation would not give them back bit for bit. config.json also keeps ``zolm_quantization``, which other
 tools ignore. :func:`load_ct` reads these folders and also llm-compressor's symmetric INT checkpoints.
+
+Pruned models: the zeros are zero codes inside the packed values (a pruned weight quantizes to code 0), so every
+loader sees them. The sparsity is declared as the quantization_config's ``sparsity_config`` in the one form
+compressed-tensors 0.20 still defines without calling it legacy: ``format: dense`` (values stored whole, no
+bitmask) with ``sparsity_structure`` ``2:4`` or ``unstructured`` and the ``global_sparsity`` of the quantized
+layers. It is metadata: transformers ignores it, and the compressed 2:4 formats that sparse kernels read
+(``sparse-24-bitmask``, ``marlin-24``) are legacy in 0.20, whose own ModelCompressor neither writes nor loads them.
 """
 
 from __future__ import annotations
@@ -60,6 +67,29 @@ def quantization_config(fmt: QuantFormat, ignore: list[str]) -> dict:
     return json.loads(qc.model_dump_json())
 
 
+def sparsity_config(layers: dict[str, QuantLinear]) -> dict | None:
+    """``sparsity_config`` for layers that carry pruning masks (None when none does), validated by
+    compressed-tensors' own DenseSparsityConfig: the structure is 2:4 when every group of 4 consecutive inputs
+    keeps at most 2 weights in every masked layer."""
+    from compressed_tensors.config import DenseSparsityConfig
+
+    from zolm.utils.sparse import unpack_mask
+
+    masked = {n: m for n, m in layers.items() if m.sparsity_mask is not None}
+    if not masked:
+        return None
+    kept, total, two_four = 0, sum(m.in_features * m.out_features for m in layers.values()), True
+    for m in masked.values():
+        mask = unpack_mask(m.sparsity_mask.cpu(), m.in_features * m.out_features)
+        kept += int(mask.sum())
+        two_four = two_four and m.in_features % 4 == 0 and bool((mask.view(-1, 4).sum(1) <= 2).all())
+    dense = sum(m.in_features * m.out_features for n, m in layers.items() if n not in masked)
+    targets = ["Linear"] if len(masked) == len(layers) else sorted(masked)
+    cfg = DenseSparsityConfig(global_sparsity=round(1 - (kept + dense) / total, 6), targets=targets,
+                              ignore=["lm_head"], sparsity_structure="2:4" if two_four else "unstructured")
+    return json.loads(cfg.model_dump_json())
+
+
 def save_ct(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write a zolm INT model (no activation quantization) as a pack-quantized folder, atomically."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -101,6 +131,9 @@ def save_ct(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         cfg["quantization_config"] = qconf
+        sparse = sparsity_config(layers)
+        if sparse is not None:
+            cfg["quantization_config"]["sparsity_config"] = sparse
         atomic_write_json(tmp / "config.json", cfg)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
