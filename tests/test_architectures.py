@@ -10,6 +10,7 @@ from tests.conftest import _save
 from tests.helpers import ARCHITECTURES, tiny_arch
 from zolm.blocks import block_linear_names, default_targets, lora_targets, tt_placement
 from zolm.cli import main
+from zolm.train.presets import PRESETS
 
 LORA = {"phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"]}
 MLP = {"phi3": ["gate_up_proj", "down_proj"], "opt": ["fc1", "fc2"], "gpt2": ["c_fc", "c_proj"],
@@ -97,8 +98,8 @@ def test_masks_and_tt_adapters_with_no_extra_flags(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mezo", "quzo", "quant-mezo", "mazo", "mezo-random-mask", "adazeta"])
-def test_methods_run_with_todays_flags(arch, data_dir, tmp_path, capsys, method):
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_every_method_runs_with_no_extra_flags(arch, data_dir, tmp_path, capsys, method):
     kind, path = arch
     code = main(["finetune", "--model", path, "--data-dir", data_dir, "--method", method, "--steps", "2",
                  "--batch-size", "2", "--num-train", "8", "--num-dev", "2", "--num-test", "2", "--eval-every", "2",

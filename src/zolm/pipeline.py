@@ -205,6 +205,10 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
 
         cfg = _prune_config(opts)
         model, tok = models.load(src)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if cfg.needs_calibration and isinstance(limit, int) and opts.get("seqlen", 256) > limit:
+            raise ZolmError(f"prune stage: seqlen {opts['seqlen']} is longer than the model's {limit} positions "
+                            "(max_position_embeddings)")
         calib = None
         if cfg.needs_calibration:
             calib = calibration_ids(tok, opts.get("calib", "c4"), recipe.data_dir, opts.get("nsamples", 32),
