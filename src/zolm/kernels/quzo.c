@@ -22,22 +22,28 @@ static inline int64_t noise24(uint32_t j, uint32_t k1, uint32_t k2) {
 
 #define MASKED_OUT(mask, j) ((mask) && !(((mask)[(j) >> 3] >> ((j) & 7)) & 1u))
 
-static inline int64_t floordiv(int64_t a, int64_t b) {  /* b > 0 */
-    int64_t q = a / b;
-    return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-
-/* L > 0: the SR-quantized level of s (stream kr); L == 0: s itself. */
+/* L > 0: the SR-quantized level of s (stream kr), floor((s L 2^24 + r 510) / (510 2^24)) with r the 24-bit
+ * rounding noise; L == 0: s itself. Computed without a 64-bit division: with s L = 510 q + m (0 <= m < 510, a
+ * division by a constant), the floor is q + [m 2^24 + 510 r >= 510 2^24] -- the same integer. */
 static inline int32_t level(uint32_t j, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, int32_t L) {
     int32_t s = ih4(j, k1, k2);
     if (L <= 0) return s;
-    const int64_t D = 510LL << 24;
-    return (int32_t)floordiv((int64_t)s * L * (1LL << 24) + noise24(j, kr1, kr2) * 510, D);
+    int32_t sl = s * L;                       /* |s L| <= 510 * 127 */
+    int32_t q = (sl >= 0 ? sl : sl - 509) / 510; /* floor(sl / 510) */
+    int32_t m = sl - 510 * q;
+    int64_t r = noise24(j, kr1, kr2);
+    return q + (((int64_t)m << 24) + 510 * r >= (510LL << 24));
 }
 
 /* W[j] += a * level_j over a flat float32 tensor (the dequantized weight inside a forward pass). */
 void zolm_quzo_perturb_f32(float *w, int64_t n, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2,
                            float a, int32_t L, const uint8_t *mask, int threads) {
+    if (!mask) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < n; j++)
+            w[j] = w[j] + (float)level((uint32_t)j, k1, k2, kr1, kr2, L) * a;
+        return;
+    }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < n; j++) {
         if (MASKED_OUT(mask, j)) continue;
