@@ -30,17 +30,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in ast.walk(tree):
+def imported(path: Path) -> list[tuple[str, list[str] | None]]:
+    """Every absolute import in ``path`` at any depth: (module, None) for ``import m``, (module, names) for
+    ``from module import names``."""
+    out: list[tuple[str, list[str] | None]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
+            out += [(a.name, None) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "zolm":  # from zolm import models -> zolm.models
-                out |= {f"zolm.{a.name}" for a in node.names}
-            else:
-                out.add(node.module)
+            out.append((node.module, [a.name for a in node.names]))
+    return out
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for module, names in imported(path):
+        if names is not None and module == "zolm":  # from zolm import models -> zolm.models
+            out |= {f"zolm.{n}" for n in names}
+        else:
+            out.add(module)
     return {m for m in out if m == "zolm" or m.startswith("zolm.")}
 
 
@@ -76,15 +84,12 @@ def test_import_zolm_is_lean():
 def _module_deps(path: Path) -> set[str]:
     """zolm modules ``path`` imports, at any depth (lazy imports inside functions too): ``from pkg import name``
     counts as importing ``pkg.name`` when that is a module."""
-    tree = ast.parse(path.read_text())
     out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for a in node.names:
-                sub = f"{node.module}.{a.name}"
-                out.add(sub if sub in MODULES else node.module)
+    for module, names in imported(path):
+        if names is None:
+            out.add(module)
+        for n in names or ():
+            out.add(f"{module}.{n}" if f"{module}.{n}" in MODULES else module)
     return {m for m in out if m in MODULES}
 
 

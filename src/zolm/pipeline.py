@@ -128,13 +128,11 @@ def quant_options(opts: dict, where: str):
 def _prune_config(opts: dict, where: str = "prune stage"):
     """The prune stage's PruneConfig (keys and types checked; calibration-data keys are the stage's own)."""
     from zolm.prune.api import PruneConfig
-    from zolm.utils.configs import build
+    from zolm.utils.configs import build, check_value
 
-    data_keys = {k: v for k, v in opts.items() if k in PRUNE_DATA_KEYS}
     for key, kind in (("nsamples", int), ("seqlen", int), ("seed", int), ("calib", str)):
-        if key in data_keys and not (isinstance(data_keys[key], kind) and not isinstance(data_keys[key], bool)):
-            raise ZolmError(f"{where}: {key}: expected {'an integer' if kind is int else 'a string'}, "
-                            f"got {data_keys[key]!r}")
+        if key in opts:
+            check_value(opts[key], kind, f"{where}: {key}")
     return build(PruneConfig, {k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS}, where)
 
 

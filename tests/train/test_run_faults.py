@@ -15,19 +15,8 @@ from zolm.train import checkpoint as ckpt_mod
 from zolm.train.loop import finetune
 from zolm.train.rundir import LOCK
 
-from .test_finetune import cfg, weights
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step):
-    def cb(s, record):
-        if s == step:
-            raise Interrupt
-    return cb
-
+from .test_finetune import Interrupt, cfg, weights
+from .test_finetune import _interrupt_at as interrupt_at
 
 KW = dict(lr=1e-3, steps=5, eval_every=0, checkpoint_every=2, eval_before=False)
 

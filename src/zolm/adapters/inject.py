@@ -195,6 +195,11 @@ class TTAdapterLinear(nn.Module):
         return out
 
 
+def layer_device(layer: nn.Module) -> torch.device:
+    """The device of a layer's first parameter or buffer (a QuantLinear holds its codes in buffers)."""
+    return next(x.device for x in (*layer.parameters(), *layer.buffers()) if x is not None)
+
+
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, child = fqn.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -246,7 +251,7 @@ def add_tt_adapters(model: nn.Module, config: TTAdapterConfig | None = None,
         hidden, bottleneck = shapes[name]
         adapter = TTAdapter(hidden, bottleneck, config.rank, config.activation, config.scaling, config.bias, gen,
                             config.init)
-        device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
+        device = layer_device(base)
         _set(model, name, TTAdapterLinear(base, side, adapter.to(device=device)))
     model.zolm_adapter_config = copy.deepcopy(config)
     model.zolm_adapter_config.placement = list(placement)

@@ -23,7 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zolm.adapters.inject import TTAdapterConfig, TTAdapterLinear, _set, adapter_layers, adapter_parameters, features
+from zolm.adapters.inject import (
+    TTAdapterConfig,
+    TTAdapterLinear,
+    _set,
+    adapter_layers,
+    adapter_parameters,
+    features,
+    layer_device,
+)
 from zolm.adapters.tt import TTAdapter
 from zolm.blocks import is_linear
 from zolm.errors import ZolmError
@@ -124,7 +132,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         base = model.get_submodule(name)
         adapter = TTAdapter(t["hidden_modes"], t["bottleneck_modes"], config.rank, config.activation,
                             config.scaling, config.bias)
-        device = next(x.device for x in (*base.parameters(), *base.buffers()) if x is not None)
+        device = layer_device(base)
         _set(model, name, TTAdapterLinear(base, t["side"], adapter.to(device=device)))
     model.zolm_adapter_config = config
     saved = load_file(str(Path(path) / WEIGHTS_FILE))

@@ -9,14 +9,12 @@ import json
 import typing
 from dataclasses import fields
 
-from zolm.train.config import PARTS, FinetuneConfig, composition_table
-from zolm.train.parts import BaseWeights, Estimator, Optimizer, TrainableSet
+from zolm.train.config import PART_CLASSES, PARTS, FinetuneConfig, composition_table
 from zolm.utils.configs import flag_name, leaves
 
 GROUPS = {"run": "run", "data": "data (MeZO protocol)", "evaluation": "evaluation and checkpoints",
           "base": "base weights (config key base:)", "train": "trainable set (config key train:)",
           "estimator": "gradient estimator (config key estimator:)", "optim": "optimiser (config key optim:)"}
-PART_CLASSES = dict(zip(PARTS, (BaseWeights, TrainableSet, Estimator, Optimizer)))
 
 
 def _add(group, name: str, kind, f) -> None:

@@ -68,8 +68,5 @@ class QuantizedDirectionZO(ZOOptimizer):
             if c != 0.0:
                 self._axpy_(seed, c, STREAM_B if s.two_draws else STREAM_A)
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
     def header(self) -> dict:
         return {**super().header(), "perturb_bits": self.settings.perturb_bits, "two_draws": self.settings.two_draws}
