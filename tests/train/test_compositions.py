@@ -166,3 +166,30 @@ def test_quzo_float_master_saves_exactly_what_its_forward_saw(tiny_llama_dir, da
     saved, _ = models.load(str(tmp_path / "model"))
     assert getattr(saved.config, "zolm_quantization", None)
     assert torch.allclose(logits(saved), trained, atol=1e-5, rtol=0)
+
+
+def test_quzo_float_master_from_a_low_bit_model_starts_on_its_grid(tiny_llama_dir, data_dir, tmp_path):
+    """quzo-fm on a saved zolm INT4 model: float masters hold the dequantized codes and round onto the model's own
+    scales, so the run starts exactly at the low-bit model's forward, and saves codes on those same scales."""
+    from zolm.quant.linear import quantize_
+
+    config = cfg(str(tmp_path / "int4"), data_dir, tmp_path / "x", method="quzo-fm", lr=1e-2)
+    model, tok = models.load(tiny_llama_dir)
+    quantize_(model, config.base.quant_config())
+    models.save(model, tok, tmp_path / "int4")
+    low, _ = models.load(str(tmp_path / "int4"))
+    masters, _ = models.load(str(tmp_path / "int4"))
+    built = build_method(masters, config).model
+    assert not codes(built), "float masters, no codes"
+    assert torch.allclose(logits(built), logits(low), atol=1e-5, rtol=0)
+    scales = {n: m.scale for n, m in low.named_modules() if isinstance(m, QuantLinear)}
+    method, tok = train_in_memory(config)
+    method.save_model(tmp_path / "model", tok)
+    saved, _ = models.load(str(tmp_path / "model"))
+    for n, m in saved.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.scale, scales[n]), n
+    assert not torch.equal(logits(saved), logits(low)), "trained"
+    with pytest.raises(Exception, match="fixed scales"):
+        build_method(models.load(str(tmp_path / "int4"))[0],
+                     cfg(str(tmp_path / "int4"), data_dir, tmp_path / "y", method="fo-ste"))

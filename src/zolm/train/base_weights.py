@@ -64,25 +64,51 @@ class STEQuant(nn.Module):
         return w + (wq - w).detach()
 
 
+@torch.no_grad()
+def float_masters_(model, config: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """A zolm low-bit model as float masters on its own grid, in place: every QuantLinear / QuantEmbedding becomes
+    the float module holding its dequantized codes (zolm.export.to_dense); returns ``{module name: scale}`` so that
+    the fake-quant forward rounds onto exactly the saved grid: the run starts from the low-bit model's forward
+    (QuZO's float-master regime after ``zolm quantize``). The format must be the run's."""
+    from zolm.export import to_dense
+    from zolm.quant.linear import QuantEmbedding
+
+    have, qc = model.config.zolm_quantization, config.base.quant_config()
+    if _layout(have) != _layout(qc.to_dict()):
+        raise ZolmError(f"the model is quantized as {have['weight']}, not as the run asks ({qc.weight.name}); "
+                        "pass matching --bits/--format/--group-size/--embed-bits")
+    scales = {name: mod.scale.detach().clone() for name, mod in model.named_modules()
+              if isinstance(mod, QuantLinear | QuantEmbedding)}
+    to_dense(model)
+    cast_float_parts_(model, models.resolve_dtype(config.dtype))
+    return scales
+
+
 def fake_quantize_(model, config: FinetuneConfig) -> None:
-    """Put every nn.Linear (but the format's skipped names) behind an STEQuant parametrization."""
-    if getattr(model.config, "zolm_quantization", None):
-        raise ZolmError("a fake-quant base needs float weights; this model is already low-bit (use base low-bit)")
-    qc = config.base.quant_config()
+    """Put every nn.Linear (but the format's skipped names) behind an STEQuant parametrization; a zolm low-bit
+    model first becomes float masters on its own grid (:func:`float_masters_`, fixed scales only)."""
     fixed = config.base.fake_scales == "fixed"
+    given: dict[str, torch.Tensor] = {}
+    if getattr(model.config, "zolm_quantization", None):
+        if not fixed:
+            raise ZolmError("a fake-quant base over a low-bit model needs fixed scales (its own grid): use "
+                            "--fake-scales fixed, or load float weights")
+        given = float_masters_(model, config)
+    qc = config.base.quant_config()
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is emb.weight
-    targets = [(mod, qc.weight) for name, mod in model.named_modules() if is_linear(mod)
+    targets = [(name, mod, qc.weight) for name, mod in model.named_modules() if is_linear(mod)
                and not any(s in name for s in qc.skip) and not (tied and mod is head)]
     if qc.embed_bits is not None:  # the saved model stores the embedding (and a tied head) per row in INT
         efmt = QuantFormat("int", qc.embed_bits, fp16_scales=bool(qc.embed_fp16_scales))
-        targets += [(emb, efmt)] + ([(head, efmt)] if tied else [])
+        emb_name = next(n for n, m in model.named_modules() if m is emb)
+        targets += [(emb_name, emb, efmt)] + ([("", head, efmt)] if tied else [])
     scales = {}
-    for mod, fmt in targets:
+    for name, mod, fmt in targets:
         transposed = is_linear(mod) and not isinstance(mod, nn.Linear)
         view = out_in(mod) if is_linear(mod) else mod.weight
         if fixed and id(mod.weight) not in scales:
-            scales[id(mod.weight)] = compute_scales(view, fmt)
+            scales[id(mod.weight)] = given[name] if name in given else compute_scales(view, fmt)
         scale = scales.get(id(mod.weight))
         parametrize.register_parametrization(mod, "weight", STEQuant(fmt, scale, transposed), unsafe=True)
 
