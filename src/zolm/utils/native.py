@@ -35,6 +35,10 @@ SIGNATURES = {
                               ctypes.c_int32, _int, _ptr, ctypes.c_int32, ctypes.c_int32, _int],
     "zolm_quzo_update_int4": [_ptr, _i64, _i64, _i64, _ptr, _u32, _u32, _u32, _u32, _u32, _u32, _f32,
                               ctypes.c_int32, _int, _ptr, _int],
+    "zolm_quzo_dequant_perturb_lut8": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _u32, _u32, _u32, _u32, _f32,
+                                       ctypes.c_int32, _ptr, _int],
+    "zolm_quzo_dequant_perturb_int4": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _u32, _u32, _u32, _u32, _f32,
+                                       ctypes.c_int32, _ptr, _int],
     "zolm_dequant_lut8": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
     "zolm_dequant_int4": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
 }
