@@ -106,6 +106,10 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         return dequantize(self.qweight[flat], self.scale[flat], self.fmt).view(*ids.shape, self.embedding_dim)
 
+    def row_range(self, start: int, end: int) -> torch.Tensor:
+        """Rows start .. end-1 dequantized (the same values as ``rows`` of those ids, without gathering codes)."""
+        return dequantize(self.qweight[start:end], self.scale[start:end], self.fmt)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
 
@@ -127,8 +131,7 @@ class QuantTiedHead(nn.Module):
         e = self.embedding
         parts = []
         for start in range(0, e.num_embeddings, self.chunk):
-            idx = torch.arange(start, min(start + self.chunk, e.num_embeddings), device=h.device)
-            parts.append(F.linear(h, e.rows(idx).to(h.dtype)))
+            parts.append(F.linear(h, e.row_range(start, min(start + self.chunk, e.num_embeddings)).to(h.dtype)))
         return torch.cat(parts, dim=-1)
 
 
