@@ -124,3 +124,12 @@ def test_forward_uses_the_fused_weight_only_during_a_query():
     assert torch.equal(q(x), torch.nn.functional.linear(x, w))
     opt.update_([9], [0.0], 1e-3)
     assert torch.equal(q(x), plain)
+
+
+def test_float_floor_division_of_the_level_kernel_is_exact():
+    """quzo.c's level(): floor(sl / 510) as trunc(((float)(sl + 65280) + 0.5f) * (1.0f / 510.0f)) - 128, in IEEE
+    float32 as the kernel computes it, over every sl = s * L it can see (|s| <= 510, L <= 127)."""
+    sl = torch.arange(-510 * 127, 510 * 127 + 1, dtype=torch.int32)
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(510.0, dtype=torch.float32)  # C: 1.0f / 510.0f
+    v = ((sl + 65280).float() + 0.5) * inv
+    assert torch.equal(v.to(torch.int32) - 128, torch.div(sl, 510, rounding_mode="floor"))
