@@ -133,3 +133,30 @@ def test_float_floor_division_of_the_level_kernel_is_exact():
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(510.0, dtype=torch.float32)  # C: 1.0f / 510.0f
     v = ((sl + 65280).float() + 0.5) * inv
     assert torch.equal(v.to(torch.int32) - 128, torch.div(sl, 510, rounding_mode="floor"))
+
+
+def test_layers_of_one_shape_share_the_hook_buffer_only_without_autograd():
+    """Without autograd the hook reuses one buffer per shape across layers; the outputs are those of fresh
+    weights. With autograd enabled every layer gets its own tensor (F.linear may keep it for backward)."""
+    fmt = QuantFormat("int", 4, group_size=8)
+    lins = [torch.nn.Linear(32, 32, bias=False) for _ in range(3)]
+    layers = [QuantLinear.from_linear(lin, fmt) for lin in lins]
+    net = torch.nn.Sequential(*layers)
+    opt = quzo.QuZOOptimizer([(f"l{i}", m) for i, m in enumerate(layers)])
+    opt.apply_(4, 2e-3)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expect = x
+        for i, m in enumerate(layers):
+            w = quzo.perturbed_weight(m, tensor_key(4, i), quzo.stream_key(4, i, quzo.STREAM_A), opt._a,
+                                      opt.settings.levels)
+            expect = torch.nn.functional.linear(expect, w)
+    with torch.inference_mode():
+        got = net(x)
+    assert torch.equal(got, expect) and list(opt._scratch) == [(32, 32)]
+    with torch.no_grad():
+        assert len({m.weight_hook(m).data_ptr() for m in layers}) == 1
+    opt._scratch.clear()
+    with torch.enable_grad():
+        ws = [m.weight_hook(m) for m in layers]
+    assert len({w.data_ptr() for w in ws}) == 3 and not opt._scratch
