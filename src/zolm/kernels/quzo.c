@@ -6,8 +6,9 @@
  * so E[level * 510 / L] = s exactly and every backend gets the same integers.
  * mask (optional, NULL: dense) is bit-packed like zo_axpy.c's: positions whose bit is clear are neither
  * perturbed nor updated (the zeros of a pruned layer stay zero).
- * Layers are walked row by row, in chunks of at most CHUNK columns, and each chunk group by group, so the
- * scale is a constant of the inner loops and they vectorise; the mask is expanded to bytes per chunk (lowbit.h).
+ * Layers are walked row by row, in chunks of at most CHUNK columns: the scales are applied group by group (or
+ * spread over the chunk's columns) and the hashing runs as one vector loop per chunk, with no per-element
+ * division by the row length or the group size; the mask is expanded to bytes per chunk (lowbit.h).
  */
 #include <math.h>
 #include <stdint.h>
@@ -53,18 +54,15 @@ static inline float pick(uint8_t keep, float p, float t) {
     return p;
 }
 
-/* w[i] = w[i] * sc + a * level_{j0 + i} for i in [0, n), where keep[i] (keep NULL: everywhere); sc == 1 leaves
- * w[i] * sc == w[i] exactly, so this is also the plain perturbation of a float weight. */
-static inline void perturb_seg(float *w, const uint8_t *keep, int64_t n, uint32_t j0, float sc, uint32_t k1,
-                               uint32_t k2, uint32_t kr1, uint32_t kr2, float a, int32_t L) {
+/* w[i] = w[i] + a * level_{j0 + i} for i in [0, n), where keep[i] (keep NULL: everywhere). */
+static inline void perturb_seg(float *w, const uint8_t *keep, int64_t n, uint32_t j0, uint32_t k1, uint32_t k2,
+                               uint32_t kr1, uint32_t kr2, float a, int32_t L) {
     if (!keep) {
-        for (int64_t i = 0; i < n; i++) w[i] = w[i] * sc + (float)level(j0 + (uint32_t)i, k1, k2, kr1, kr2, L) * a;
+        for (int64_t i = 0; i < n; i++) w[i] = w[i] + (float)level(j0 + (uint32_t)i, k1, k2, kr1, kr2, L) * a;
         return;
     }
-    for (int64_t i = 0; i < n; i++) {
-        float t = w[i] * sc;
-        w[i] = pick(keep[i], t + (float)level(j0 + (uint32_t)i, k1, k2, kr1, kr2, L) * a, t);
-    }
+    for (int64_t i = 0; i < n; i++)
+        w[i] = pick(keep[i], w[i] + (float)level(j0 + (uint32_t)i, k1, k2, kr1, kr2, L) * a, w[i]);
 }
 
 /* W[j] += a * level_j over a flat float32 tensor (the dequantized weight inside a forward pass). */
@@ -75,25 +73,21 @@ void zolm_quzo_perturb_f32(float *w, int64_t n, uint32_t k1, uint32_t k2, uint32
         int64_t m = n - c0 < CHUNK ? n - c0 : CHUNK;
         uint8_t keep[CHUNK];
         if (mask) lowbit_keep(keep, mask, c0, m);
-        perturb_seg(w + c0, mask ? keep : NULL, m, (uint32_t)c0, 1.0f, k1, k2, kr1, kr2, a, L);
+        perturb_seg(w + c0, mask ? keep : NULL, m, (uint32_t)c0, k1, k2, kr1, kr2, a, L);
     }
 }
 
 /* Row r of the perturbed weight, already unpacked into o as code values: o[c] = o[c] * scale[c / group]
- * + a * level_{r cols + c} where the mask is set (o[c] * scale elsewhere). */
+ * (rounded to float), then + a * level_{r cols + c} where the mask is set. The row stays in cache between the
+ * two loops, and the perturbation runs over whole chunks, not group by group (a longer vector loop). */
 static inline void perturb_row(float *o, const float *s, int64_t r, int64_t cols, int64_t group, uint32_t k1,
                                uint32_t k2, uint32_t kr1, uint32_t kr2, float a, int32_t L, const uint8_t *mask) {
     uint8_t keep[CHUNK];
+    lowbit_scale_row(o, s, cols, group);
     for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
-        int64_t c1 = cols - c0 < CHUNK ? cols : c0 + CHUNK;
-        if (mask) lowbit_keep(keep, mask, r * cols + c0, c1 - c0);
-        for (int64_t c = c0; c < c1;) {
-            int64_t e = (c / group + 1) * group;
-            if (e > c1) e = c1;
-            perturb_seg(o + c, mask ? keep + (c - c0) : NULL, e - c, (uint32_t)(r * cols + c), s[c / group],
-                        k1, k2, kr1, kr2, a, L);
-            c = e;
-        }
+        int64_t n = cols - c0 < CHUNK ? cols - c0 : CHUNK;
+        if (mask) lowbit_keep(keep, mask, r * cols + c0, n);
+        perturb_seg(o + c0, mask ? keep : NULL, n, (uint32_t)(r * cols + c0), k1, k2, kr1, kr2, a, L);
     }
 }
 
@@ -134,24 +128,25 @@ static inline int32_t code_step(uint32_t j, float sc, uint32_t k1, uint32_t k2, 
     return (int32_t)d;
 }
 
-/* d[c - c0] = code_step of column c of row r, c in [c0, c1), group by group (a constant scale per loop). */
+/* d[c - c0] = code_step of column c of row r, c in [c0, c1): the scales are first spread over the columns
+ * (sc[c - c0] = s[c / group], group by group), so the steps are one vector loop over the chunk. */
 static inline void row_steps(int16_t *d, const float *s, int64_t r, int64_t cols, int64_t c0, int64_t c1,
                              int64_t group, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, uint32_t ku1,
                              uint32_t ku2, float c, int32_t L, int rtn) {
+    float sc[CHUNK];
     for (int64_t x = c0; x < c1;) {
         int64_t e = (x / group + 1) * group;
         if (e > c1) e = c1;
-        float sc = s[x / group];
-        uint32_t j0 = (uint32_t)(r * cols + x);
-        int16_t *dx = d + (x - c0);
-        if (rtn) {
-            for (int64_t i = 0; i < e - x; i++)
-                dx[i] = (int16_t)code_step(j0 + (uint32_t)i, sc, k1, k2, kr1, kr2, ku1, ku2, c, L, 1);
-        } else {
-            for (int64_t i = 0; i < e - x; i++)
-                dx[i] = (int16_t)code_step(j0 + (uint32_t)i, sc, k1, k2, kr1, kr2, ku1, ku2, c, L, 0);
-        }
+        for (int64_t i = x; i < e; i++) sc[i - c0] = s[x / group];
         x = e;
+    }
+    uint32_t j0 = (uint32_t)(r * cols + c0);
+    if (rtn) {
+        for (int64_t i = 0; i < c1 - c0; i++)
+            d[i] = (int16_t)code_step(j0 + (uint32_t)i, sc[i], k1, k2, kr1, kr2, ku1, ku2, c, L, 1);
+    } else {
+        for (int64_t i = 0; i < c1 - c0; i++)
+            d[i] = (int16_t)code_step(j0 + (uint32_t)i, sc[i], k1, k2, kr1, kr2, ku1, ku2, c, L, 0);
     }
 }
 
