@@ -28,9 +28,9 @@ static inline int32_t noise24(uint32_t j, uint32_t k1, uint32_t k2) {
 }
 
 /* L > 0: the SR-quantized level of s (stream kr), floor((s L 2^24 + r 510) / (510 2^24)) with r the 24-bit
- * rounding noise; L == 0: s itself. Computed in 32-bit integers: with s L = 510 q + m (0 <= m < 510, a
- * division by a constant), the floor is q + [m 2^24 + 510 r >= 510 2^24] = q + [255 r >= (510 - m) 2^23]
- * (both sides halved; each below 2^32 unsigned) -- the same integer. */
+ * rounding noise; L == 0: s itself. Computed without 64-bit arithmetic: with s L = 510 q + m (0 <= m < 510),
+ * the floor is q + [m 2^24 + 510 r >= 510 2^24] = q + [255 r >= (510 - m) 2^23] (both sides halved; each
+ * below 2^32 unsigned) -- the same integer. */
 static inline int32_t level(uint32_t j, uint32_t k1, uint32_t k2, uint32_t kr1, uint32_t kr2, int32_t L) {
     int32_t s = ih4(j, k1, k2);
     int32_t sl = s * L;                       /* |s L| <= 510 * 127 */
