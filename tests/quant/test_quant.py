@@ -144,3 +144,18 @@ def test_mse_clipped_int4_scales_never_lose_to_absmax_and_stay_fp16():
     assert QuantFormat("int", 4).clip == "mse" and QuantFormat("int", 8).clip == "none"
     with pytest.raises(ZolmError, match="unknown clip 'max'"):
         QuantFormat("int", 4, clip="max")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tied_head_slices_equal_gathered_rows(bits):
+    """QuantTiedHead dequantizes contiguous row ranges: the same logits as gathering those rows by id."""
+    from zolm.quant.linear import QuantEmbedding, QuantTiedHead
+
+    emb = nn.Embedding(1003, 24)
+    nn.init.normal_(emb.weight, generator=torch.Generator().manual_seed(3))
+    qemb = QuantEmbedding.from_embedding(emb, bits)
+    head = QuantTiedHead(qemb, chunk=256)
+    h = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(4))
+    gathered = torch.nn.functional.linear(h, qemb.rows(torch.arange(1003)))
+    assert torch.equal(qemb.row_range(100, 357), qemb.rows(torch.arange(100, 357)))
+    assert torch.allclose(head(h), gathered, rtol=1e-5, atol=1e-6)

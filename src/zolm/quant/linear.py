@@ -2,8 +2,8 @@
 
 QuantLinear keeps integer (or FP8) codes plus float32 scales as buffers -- INT4 packed two codes per byte -- so
 resident memory drops; the forward pass dequantizes one layer at a time (W = s * q) and calls F.linear.
-A ``delta_hook`` lets a zeroth-order method add a perturbation to the dequantized W inside the forward pass
-without ever writing it into the codes (QuZO's perturbations are far below one grid step).
+A ``weight_hook`` lets a zeroth-order method supply the perturbed dequantized W inside the forward pass
+without ever writing the perturbation into the codes (QuZO's perturbations are far below one grid step).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W = s * q (+ a perturbation from ``delta_hook``), q stored in ``fmt``."""
+    """y = x W^T + b with W = s * q, q stored in ``fmt``; ``weight_hook(self)``, when set, may return W itself
+    (the perturbed weight of a ZO query, computed in one pass from the codes) or None for s * q."""
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
                  act_bits: int | None = None, device: torch.device | str | None = None):
@@ -46,7 +47,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         # bit-packed W != 0 of a pruned layer (zolm.utils.sparse): training never moves its zeros
         self.register_buffer("sparsity_mask", None)
-        self.delta_hook: Callable[[QuantLinear, torch.Tensor], None] | None = None
+        self.weight_hook: Callable[[QuantLinear], torch.Tensor | None] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: QuantFormat, act_bits: int | None = None) -> QuantLinear:
@@ -68,9 +69,9 @@ class QuantLinear(nn.Module):
         return dequantize(self.qweight, self.scale, self.fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize()
-        if self.delta_hook is not None:
-            self.delta_hook(self, w)
+        w = None if self.weight_hook is None else self.weight_hook(self)
+        if w is None:
+            w = self.dequantize()
         if self.act_bits is not None:
             x = fake_quant_activation(x, self.act_bits)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -105,6 +106,10 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         return dequantize(self.qweight[flat], self.scale[flat], self.fmt).view(*ids.shape, self.embedding_dim)
 
+    def row_range(self, start: int, end: int) -> torch.Tensor:
+        """Rows start .. end-1 dequantized (the same values as ``rows`` of those ids, without gathering codes)."""
+        return dequantize(self.qweight[start:end], self.scale[start:end], self.fmt)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
 
@@ -126,8 +131,7 @@ class QuantTiedHead(nn.Module):
         e = self.embedding
         parts = []
         for start in range(0, e.num_embeddings, self.chunk):
-            idx = torch.arange(start, min(start + self.chunk, e.num_embeddings), device=h.device)
-            parts.append(F.linear(h, e.rows(idx).to(h.dtype)))
+            parts.append(F.linear(h, e.row_range(start, min(start + self.chunk, e.num_embeddings)).to(h.dtype)))
         return torch.cat(parts, dim=-1)
 
 

@@ -110,7 +110,7 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torc
 _LUTS: dict[str, torch.Tensor] = {}
 
 
-def _lut(fmt: QuantFormat) -> torch.Tensor:
+def code_table(fmt: QuantFormat) -> torch.Tensor:
     """The real value of each of the 256 byte patterns of an 8-bit format (torch's own conversion)."""
     key = fmt.name.split("-g")[0]
     if key not in _LUTS:
@@ -133,7 +133,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> to
             lib.zolm_dequant_int4(codes.data_ptr(), scale.data_ptr(), out.data_ptr(), rows, cols, group,
                                   native.threads(rows * cols))
         else:
-            lib.zolm_dequant_lut8(codes.view(torch.uint8).data_ptr(), _lut(fmt).data_ptr(), scale.data_ptr(),
+            lib.zolm_dequant_lut8(codes.view(torch.uint8).data_ptr(), code_table(fmt).data_ptr(), scale.data_ptr(),
                                   out.data_ptr(), rows, cols, group, native.threads(rows * cols))
         return out
     return compiled(_dequantize_torch, codes.device)(codes, scale, fmt)

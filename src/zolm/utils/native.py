@@ -1,8 +1,9 @@
 """The native kernels of zolm (``zolm/kernels/*.c``): compiled with gcc on first use, cached, loaded with ctypes.
 
-The library is built with ``-O3 -march=native -fopenmp`` into ``$ZOLM_CACHE/kernels`` (default
-``~/.cache/zolm``), keyed by the sources, the compiler version, the flags and the CPU's feature flags, so a shared
-home directory never runs a binary built for another CPU. Without a compiler :func:`lib` returns None (with one
+The library is built with ``-O3 -march=native -ffp-contract=off -fopenmp`` (no FMA contraction: each kernel
+rounds as its torch mirror does) into ``$ZOLM_CACHE/kernels`` (default ``~/.cache/zolm``), keyed by the sources,
+the compiler version, the flags and the CPU's feature flags, so a shared home directory never runs a binary built
+for another CPU. Without a compiler :func:`lib` returns None (with one
 warning) and every caller falls back to a torch implementation that gives the same bits, more slowly.
 ``ZOLM_KERNEL=torch`` forces that fallback.
 """
@@ -34,6 +35,10 @@ SIGNATURES = {
                               ctypes.c_int32, _int, _ptr, ctypes.c_int32, ctypes.c_int32, _int],
     "zolm_quzo_update_int4": [_ptr, _i64, _i64, _i64, _ptr, _u32, _u32, _u32, _u32, _u32, _u32, _f32,
                               ctypes.c_int32, _int, _ptr, _int],
+    "zolm_quzo_dequant_perturb_lut8": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _u32, _u32, _u32, _u32, _f32,
+                                       ctypes.c_int32, _ptr, _int],
+    "zolm_quzo_dequant_perturb_int4": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _u32, _u32, _u32, _u32, _f32,
+                                       ctypes.c_int32, _ptr, _int],
     "zolm_dequant_lut8": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
     "zolm_dequant_int4": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
 }
@@ -59,7 +64,7 @@ class _Native:
 def _build() -> ctypes.CDLL:
     srcs = sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.c"))
     cc = os.environ.get("CC", "gcc")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     cpu = ""
     if Path("/proc/cpuinfo").exists():

@@ -28,7 +28,7 @@ import torch
 
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
-from zolm.quant.primitives import fp8_round
+from zolm.quant.primitives import code_table, fp8_round
 from zolm.utils import native
 from zolm.utils.compile import chunk_size, compiled, scalars
 from zolm.zo.optimizer import ZOConfig, ZOOptimizer
@@ -123,6 +123,34 @@ def perturb_weight_(w: torch.Tensor, key, rkey, a: float, L: int, mask: torch.Te
     k1, k2, r1, r2, ca = scalars(w.device, *key, *rkey, floats=(a,))
     for part, keep, s0 in chunks(flat.numel(), w.device, mask):
         flat[part] = fn(flat[part], s0, k1, k2, r1, r2, ca, L, keep)
+
+
+def perturbed_weight(module: QuantLinear, key, rkey, a: float, L: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantized weight of ``module`` plus a * level where its ``sparsity_mask`` is set (float32): dequantize
+    then perturb_weight_, fused into one pass over the codes by a C kernel on the CPU (the same floats as the two
+    passes, which run everywhere else). The C path writes into ``out`` (contiguous float32 [out, in]) when given,
+    else into a new tensor; the others always return a new one."""
+    lib = native.lib()
+    q, scale, fmt, mask = module.qweight, module.scale, module.fmt, module.sparsity_mask
+    if lib is not None and q.device.type == "cpu" and q.is_contiguous() and scale.is_contiguous() \
+            and scale.dtype == torch.float32:
+        rows, cols = module.out_features, module.in_features
+        if out is None:
+            out = torch.empty(rows, cols, dtype=torch.float32)
+        # the kernel writes rows * cols floats at out's address
+        assert out.shape == (rows, cols) and out.dtype == torch.float32 and out.is_contiguous() and out.is_cpu
+        args = (rows, cols, fmt.group_size or cols, *key, *rkey, a, L, None if mask is None else mask.data_ptr(),
+                native.threads(rows * cols))
+        if fmt.kind == "int" and fmt.bits == 4:
+            lib.zolm_quzo_dequant_perturb_int4(q.data_ptr(), scale.data_ptr(), out.data_ptr(), *args)
+        else:
+            lib.zolm_quzo_dequant_perturb_lut8(q.view(torch.uint8).data_ptr(), code_table(fmt).data_ptr(),
+                                                scale.data_ptr(), out.data_ptr(), *args)
+        return out
+    w = module.dequantize()
+    perturb_weight_(w, key, rkey, a, L, mask)
+    return w
 
 
 def _int_update_chunk(values, scale, start, cols: int, group: int, k1, k2, r1, r2, u1, u2, c, L: int, rtn: bool,
@@ -227,15 +255,24 @@ class QuZOOptimizer(ZOOptimizer):
         self._seed: int | None = None
         self._coef = 0.0
         self._a = 0.0
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}  # the hook's perturbed weights, by shape
         for i, m in enumerate(self.modules):
-            m.delta_hook = self._hook(i)
+            m.weight_hook = self._hook(i)
 
     def _hook(self, i: int):
-        def hook(module: QuantLinear, w: torch.Tensor) -> None:
-            if self._seed is not None and self._a != 0.0:
-                key = tensor_key(self._seed, i)
-                perturb_weight_(w, key, stream_key(self._seed, i, STREAM_A), self._a, self.settings.levels,
-                                module.sparsity_mask)
+        def hook(module: QuantLinear) -> torch.Tensor | None:
+            if self._seed is None or self._a == 0.0:
+                return None  # no query active: the plain dequantized weight
+            scratch = None
+            if not torch.is_grad_enabled() and module.qweight.device.type == "cpu":
+                # no autograd graph keeps W past the layer's F.linear, so one buffer per shape serves every layer:
+                # no fresh pages to fault in per layer and forward (~4% of a perturbed forward)
+                shape = (module.out_features, module.in_features)
+                scratch = self._scratch.get(shape)
+                if scratch is None:
+                    scratch = self._scratch[shape] = torch.empty(shape, dtype=torch.float32)
+            return perturbed_weight(module, tensor_key(self._seed, i), stream_key(self._seed, i, STREAM_A),
+                                    self._a, self.settings.levels, scratch)
         return hook
 
     def apply_(self, seed: int, coef: float) -> float:
