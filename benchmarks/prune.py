@@ -6,7 +6,8 @@ prune, read the peak, evaluate), one after the other, so times and memory are co
 
 Protocol (defaults; every value is in the output's "protocol"):
   * calibration: 64 sequences x 512 tokens from ../shared/data/c4 (snippets joined by blank lines, seed 0);
-  * Wanda++: alpha 100, RO 5 rounds x 16 inputs, RMSprop lr 1e-4 (tuned at 135M, see docs/pruning.md);
+  * Wanda++: alpha 100, RO 5 rounds x 8 inputs, RMSprop lr 2e-4 (tuned at 135M, see docs/pruning.md); the
+    RO log is the free one (per-round training loss, error after RO before the final prune);
   * SparseGPT: blocksize 128, damping 0.01 mean(diag H);
   * perplexity: WikiText-2 raw test, windows of 512 tokens, the first 64 (32,768 tokens; the full test set at
     2048 is ~140 windows, too slow for two CPU cores);
@@ -42,10 +43,10 @@ METHODS = {"magnitude": {"method": "magnitude"}, "wanda": {"method": "wanda"},
            "sparsegpt": {"method": "sparsegpt"}, "wanda++rgs": {"method": "wanda++", "ro_rounds": 0},
            "wanda++": {"method": "wanda++"}}
 TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "rte")
-FULL = {"nsamples": 64, "seqlen": 512, "ro_rounds": 5, "ro_samples": 16, "ro_lr": 1e-4, "alpha": 100.0,
-        "ppl_seqlen": 512, "ppl_windows": 64, "zs_n": 200}
+FULL = {"nsamples": 64, "seqlen": 512, "ro_rounds": 5, "ro_samples": 8, "ro_lr": 2e-4, "alpha": 100.0,
+        "ro_stats": "steps", "ppl_seqlen": 512, "ppl_windows": 64, "zs_n": 200}
 QUICK = {"nsamples": 8, "seqlen": 128, "ro_rounds": 2, "ro_samples": 4, "ro_lr": 1e-4, "alpha": 100.0,
-         "ppl_seqlen": 256, "ppl_windows": 4, "zs_n": 20}
+         "ro_stats": "steps", "ppl_seqlen": 256, "ppl_windows": 4, "zs_n": 20}
 
 
 def _rss_mib() -> float:
@@ -69,7 +70,7 @@ def worker(spec: dict) -> dict:
     model, tok = models.load(spec["model"])
     row: dict = {"method": spec["method"], "setting": spec["setting"]}
     if spec["method"] != "dense":
-        knobs = {k: p[k] for k in ("ro_rounds", "ro_samples", "ro_lr", "alpha")}
+        knobs = {k: p[k] for k in ("ro_rounds", "ro_samples", "ro_lr", "alpha", "ro_stats") if k in p}
         config = PruneConfig(**{**knobs, **METHODS[spec["method"]], **SETTINGS[spec["setting"]]})
         calib = calibration_ids(tok, "c4", DATA, p["nsamples"], p["seqlen"], seed=0) \
             if config.needs_calibration else None
@@ -87,12 +88,12 @@ def worker(spec: dict) -> dict:
         row["sparsity"] = round(report.sparsity, 5)
         errors = [b.rel_error for b in report.blocks if b.rel_error is not None]
         row["block_rel_error_mean"] = round(sum(errors) / len(errors), 5) if errors else None
-        rounds = [r for b in report.blocks for r in (b.details or {}).get("ro", [])]
-        if rounds:
-            row["ro_rounds_reducing_error"] = f"{sum(r['rel_error_after'] < r['rel_error_before'] for r in rounds)}" \
-                                              f"/{len(rounds)}"
-            row["ro_rel_error_before_after"] = [round(sum(r[k] for r in rounds) / len(rounds), 5)
-                                                for k in ("rel_error_before", "rel_error_after")]
+        ro = [(b.details or {}).get("ro", []) for b in report.blocks]
+        ro = [r for r in ro if r]
+        if ro:  # per block: the first and last round's relative RO loss, and the error after RO (all inputs)
+            row["ro_rounds_reducing_loss"] = f"{sum(r[-1]['rel_loss'] < r[0]['rel_loss'] for r in ro)}/{len(ro)}"
+            row["ro_rel_loss_first_last"] = [round(sum(r[i]["rel_loss"] for r in ro) / len(ro), 5) for i in (0, -1)]
+            row["ro_rel_error_mean"] = round(sum(b.details["rel_error_ro"] for b in report.blocks) / len(ro), 5)
         h = model.config.hidden_size
         buffer = p["nsamples"] * p["seqlen"] * h * 4 / 2**20
         row["activation_buffers_mib"] = round(2 * buffer) if config.needs_calibration else 0

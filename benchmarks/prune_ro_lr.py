@@ -31,10 +31,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--blocks", default="0,10,20,29")
     ap.add_argument("--pattern", default="2:4", help="N:M or an unstructured ratio")
-    ap.add_argument("--lrs", default="3e-7,1e-6,3e-6,1e-5,3e-5,1e-4")
+    ap.add_argument("--lrs", default="3e-7,1e-6,3e-6,1e-5,3e-5,1e-4,2e-4")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--ro-samples", type=int, default=16)
+    ap.add_argument("--ro-samples", type=int, default=8)
     ap.add_argument("--ro-rounds", type=int, default=5)
     args = ap.parse_args()
 
@@ -63,7 +63,7 @@ def main() -> None:
                 dense = torch.empty_like(inputs.hidden)
                 info = wanda_pp_block_(b, linear_layers(b), inputs, dense, sparsity=sparsity, nm=nm, alpha=100.0,
                                        rounds=0 if lr == 0 else args.ro_rounds, samples=args.ro_samples, lr=lr,
-                                       generator=torch.Generator().manual_seed(0), batch_size=8)
+                                       generator=torch.Generator().manual_seed(0), log_errors=True, batch_size=8)
                 err = forward_all(b, inputs, 8, reference=dense)
                 key = "rgs_only" if lr == 0 else f"lr={lr:g}"
                 row[key] = round(err, 6)

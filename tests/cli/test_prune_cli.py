@@ -48,6 +48,17 @@ def test_prune_saves_reports_and_compresses(capsys, tiny_llama_dir, calib_dir, t
     assert code == 0 and json.loads(capsys.readouterr().out)["perplexity"] > 1
 
 
+def test_ro_flags_reach_the_config(capsys, tiny_llama_dir, calib_dir, tmp_path):
+    code = main(["prune", "--model", tiny_llama_dir, "--method", "wanda++", "--nm", "2:4", "--calib-data", "c4",
+                 "--data-dir", str(calib_dir), "--nsamples", "4", "--seqlen", "16", "--ro-rounds", "2",
+                 "--ro-samples", "2", "--ro-stats", "pass", "--ro-log-errors", "--out", str(tmp_path / "p")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and "RO round 1 " in lines[0] and "loss" not in lines[0]  # before -> after errors
+    report = json.loads((tmp_path / "p" / "prune_report.json").read_text())["report"]
+    assert report["config"]["ro_stats"] == "pass" and report["config"]["ro_log_errors"] is True
+    assert {"rel_error_before", "rel_error_after", "rel_loss"} <= set(report["blocks"][0]["details"]["ro"][0])
+
+
 def test_magnitude_needs_no_calibration_data(capsys, tiny_llama_dir, tmp_path):
     code = main(["prune", "--model", tiny_llama_dir, "--method", "magnitude", "--sparsity", "0.3", "--out",
                  str(tmp_path / "m")])

@@ -115,6 +115,7 @@ def test_report_lists_every_layer_with_its_sparsity():
     ({"nm": "2:4", "sparsity": 0.5}, "either a sparsity or an N:M pattern, not both"),
     ({"ro_samples": 0}, "ro_samples must be >= 1"),
     ({"ro_lr": -1.0}, "ro_lr must be >= 0"),
+    ({"ro_stats": "round"}, "unknown ro_stats 'round'; valid: pass, steps"),
     ({"nm": "4:8", "blocksize": 12}, "blocksize 12 must be a multiple of M"),
 ])
 def test_bad_config_gets_one_line_errors(kwargs, message):

@@ -24,7 +24,9 @@ def test_wanda_pp_24_on_smollm2(smollm2, tmp_path):
     dense, tok = smollm2
     model = copy.deepcopy(dense)
     calib = calibration_ids(tok, "c4", SHARED_DATA, nsamples=8, seqlen=128)
-    report = prune_(model, PruneConfig(method="wanda++", nm="2:4", ro_rounds=1, ro_samples=4), calib)
+    # lr 1e-4 for M = 4: the default 2e-4 is tuned for M = 8 and overshoots in blocks 1, 2 with 4 steps of 8 x 128
+    config = PruneConfig(method="wanda++", nm="2:4", ro_rounds=1, ro_samples=4, ro_lr=1e-4, ro_log_errors=True)
+    report = prune_(model, config, calib)
     assert len(report.layers()) == 30 * 7 and all(lay.nm_violations == 0 for lay in report.layers())
     assert all(r["rel_error_after"] < r["rel_error_before"] for b in report.blocks for r in b.details["ro"])
     assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)

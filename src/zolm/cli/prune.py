@@ -44,10 +44,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     wpp.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="weight of the regional gradient term")
     wpp.add_argument("--ro-rounds", type=int, default=DEFAULTS.ro_rounds, help="regional optimisation rounds")
     wpp.add_argument("--ro-samples", type=int, default=DEFAULTS.ro_samples,
-                     help="calibration inputs drawn per round, one RMSprop step each (paper: 32)")
+                     help="calibration inputs drawn per round, one RMSprop step each (paper: 32; CPU: 8-16)")
     wpp.add_argument("--ro-lr", type=float, default=DEFAULTS.ro_lr,
                      help="RMSprop learning rate of RO (tuned at 135M; the paper's 3e-7 is for LLaMA-7B)")
     wpp.add_argument("--no-ro", action="store_true", help="RGS only: skip regional optimisation")
+    wpp.add_argument("--ro-stats", choices=("steps", "pass"), default=DEFAULTS.ro_stats,
+                     help="where a round's re-prune takes input norms from: the previous round's RO steps (free) "
+                          "or a forward of the round's inputs (the community reproduction)")
+    wpp.add_argument("--ro-log-errors", action="store_true",
+                     help="also log each RO round's block error before and after its steps (two more forwards)")
     sgpt = p.add_argument_group("SparseGPT")
     sgpt.add_argument("--blocksize", type=int, default=DEFAULTS.blocksize, help="columns per lazy-update block")
     sgpt.add_argument("--damp", type=float, default=DEFAULTS.damp, help="dampening, as a fraction of mean(diag H)")
@@ -56,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(method=args.method, sparsity=args.sparsity, nm=args.nm, alpha=args.alpha,
                        ro_rounds=0 if args.no_ro else args.ro_rounds, ro_samples=args.ro_samples, ro_lr=args.ro_lr,
-                       blocksize=args.blocksize, damp=args.damp, batch_size=args.batch_size, seed=args.seed)
+                       ro_stats=args.ro_stats, ro_log_errors=args.ro_log_errors, blocksize=args.blocksize,
+                       damp=args.damp, batch_size=args.batch_size, seed=args.seed)
 
 
 def _short(name: str) -> str:
@@ -70,8 +76,10 @@ def format_report(report) -> list[str]:
         parts = " ".join(f"{_short(lay.name)} {lay.sparsity:.3f}" for lay in b.layers)
         err = "" if b.rel_error is None else f" | rel.err {b.rel_error:.4f}"
         ro = b.details.get("ro") if b.details else None
-        if ro:
+        if ro and "rel_error_before" in ro[0]:
             err += f" (RO round 1 {ro[0]['rel_error_before']:.4f} -> {ro[0]['rel_error_after']:.4f})"
+        elif ro:
+            err += f" (RO round 1 loss {ro[0]['rel_loss']:.4f} -> round {len(ro)} {ro[-1]['rel_loss']:.4f})"
         lines.append(f"block {b.index:>3}: {parts}{err} | {b.seconds:.1f} s")
     return lines
 

@@ -7,11 +7,16 @@
   The pruning score is S_ij = (alpha * G_ij + ||X_j||_2) * |W_ij|, compared per output row (or per N:M group).
 * Regional optimisation (Sec. 3.2): K rounds; each round re-prunes the block with that score, draws M of the N
   inputs and takes one RMSprop step per drawn input on sum ||f^l_dense(X_m) - f^l(X_m)||^2 over the block's
-  linear weights (float32). The targets are the dense block's outputs on the same, pruned-upstream inputs.
-  RO may revive pruned weights; a final prune on all N inputs restores the exact pattern.
+  linear weights (float32). The targets are the dense block's outputs on the same, pruned-upstream inputs,
+  computed once by the dense pass. RO may revive pruned weights; a final prune on all N inputs restores the
+  exact pattern. A round's re-prune takes ||X_j|| from the previous round's RO forwards (no extra pass).
 
-The relative error of the block on the round's M inputs is logged before and after each round's steps
-(papers.md 8.5: RO must reduce it; if it does not, the learning rate is wrong for the model).
+Cost per block, in forwards of one sequence (f) and RO / RGS steps (forward + backward, ~3 f): RGS N steps (also
+the dense outputs and first statistics), RO K * M steps, final statistics N f, propagation N f; Wanda: 2 N f.
+
+Logged for free (papers.md 8.5: RO must reduce the block error; if it does not, the learning rate is wrong for
+the model): each round's relative training loss and the error after RO on all N inputs; ``log_errors`` adds
+the error on the round's M inputs before and after its steps (two more forwards of M per round).
 """
 
 from __future__ import annotations
@@ -78,37 +83,62 @@ def _stats(layers: dict[str, nn.Module]) -> dict[str, InputStats]:
 
 
 def collect_stats(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, batch_size: int,
-                  indices: list[int] | None = None) -> dict[str, InputStats]:
-    """||X_j||^2 statistics of every layer, from running the block (as it is now) on the given inputs."""
+                  indices: list[int] | None = None, reference: torch.Tensor | None = None
+                  ) -> tuple[dict[str, InputStats], float | None]:
+    """||X_j||^2 statistics of every layer, from running the block (as it is now) on the given inputs, and (with
+    ``reference``) the block's relative output error on them, from the same forward."""
     stats = _stats(layers)
     with record_inputs(layers, stats):
-        forward_all(block, inputs, batch_size, indices=indices)
-    return stats
+        err = forward_all(block, inputs, batch_size, reference=reference, indices=indices)
+    return stats, err
 
 
 def optimize_round_(block: nn.Module, weights: list[nn.Parameter], inputs: BlockInputs, targets: torch.Tensor,
-                    indices: list[int], optimizer: torch.optim.Optimizer) -> None:
-    """One RO round: for each drawn input, one optimizer step on ||f(X_m) - target_m||^2 (sum over entries)."""
+                    indices: list[int], optimizer: torch.optim.Optimizer) -> float:
+    """One RO round: for each drawn input, one optimizer step on ||f(X_m) - target_m||^2 (sum over entries).
+
+    Returns the round's relative training loss, sum_m loss_m / sum_m ||target_m||^2 with each loss_m taken before
+    its own step (free: the steps compute it anyway).
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=targets.device)
+    ref_sum = torch.zeros((), dtype=torch.float64, device=targets.device)
     with _grad_only(block, weights):
         for i in indices:
             optimizer.zero_grad(set_to_none=True)
             y = run_block(block, inputs, inputs.hidden[i:i + 1])
-            loss = (y.float() - targets[i:i + 1].float()).pow(2).sum()
+            t = targets[i:i + 1].float()
+            loss = (y.float() - t).pow(2).sum()
             loss.backward()
             optimizer.step()
+            loss_sum += loss.detach().double()
+            ref_sum += t.pow(2).sum().double()
     optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum / ref_sum.clamp(min=1e-30))
 
 
 def wanda_pp_block_(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, dense_out: torch.Tensor, *,
                     sparsity: float, nm: tuple[int, int] | None, alpha: float, rounds: int, samples: int,
-                    lr: float, generator: torch.Generator, batch_size: int) -> dict:
+                    lr: float, generator: torch.Generator, batch_size: int, restats: str = "steps",
+                    log_errors: bool = False) -> dict:
     """Wanda++ on one block, in place (papers.md 8.4). Returns the per-layer gradient/norm ratios and RO log.
 
     ``rounds = 0`` is "RGS only": one prune with the regional gradient score, no optimisation.
+    ``restats`` says where a round's re-prune takes ||X_j|| from: ``"steps"`` (default) records it during the
+    previous round's RO steps (the forward of each step, at the weights of that step; free), ``"pass"`` runs
+    the current block on the round's own M inputs first (the community reproduction; one forward of M more).
+    Every forward serves the algorithm; the log takes only what those forwards give: per round the relative
+    training loss (``rel_loss``), and the error on all N inputs after RO, before the final prune
+    (``rel_error_ro``, from the final statistics pass). ``log_errors`` adds two diagnostic passes per round
+    (``rel_error_before`` / ``rel_error_after``: the error on the round's inputs around its steps); they do
+    not change the result.
     """
     stats = _stats(layers)
     with record_inputs(layers, stats):  # dense pass: input norms, regional gradients and dense outputs at once
-        grads = regional_gradients(block, layers, inputs, dense_out)
+        if alpha == 0:  # the score is Wanda's: G is not needed, so no backward (0 * G adds exactly nothing)
+            forward_all(block, inputs, batch_size, out=dense_out)
+            grads = {n: torch.zeros((), device=m.weight.device) for n, m in layers.items()}
+        else:
+            grads = regional_gradients(block, layers, inputs, dense_out)
     ratios = {n: grad_to_norm_ratio(stats[n].norm(), grads[n], alpha) for n in layers}
     prune_rgs_(layers, stats, grads, alpha, sparsity, nm)
     log: list[dict] = []
@@ -121,15 +151,25 @@ def wanda_pp_block_(block: nn.Module, layers: dict[str, nn.Module], inputs: Bloc
         weights = [m.weight for m in layers.values()]
         optimizer = torch.optim.RMSprop(weights, lr=lr)
         m = min(samples, len(inputs))
+        step_stats: dict[str, InputStats] = {}
         for k in range(rounds):
             idx = torch.randperm(len(inputs), generator=generator)[:m].tolist()
-            if k > 0:  # re-prune: statistics of the current block on this round's inputs
-                prune_rgs_(layers, collect_stats(block, layers, work, batch_size, idx), grads, alpha, sparsity, nm)
-            before = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
-            optimize_round_(block, weights, work, dense_out, idx, optimizer)
-            after = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
-            log.append({"round": k + 1, "rel_error_before": before, "rel_error_after": after})
-        prune_rgs_(layers, collect_stats(block, layers, work, batch_size), grads, alpha, sparsity, nm)  # final
+            if k > 0:  # re-prune with statistics of the current block (RO revived some pruned weights)
+                if restats == "pass":
+                    step_stats = collect_stats(block, layers, work, batch_size, idx)[0]
+                prune_rgs_(layers, step_stats, grads, alpha, sparsity, nm)
+            entry: dict = {"round": k + 1}
+            if log_errors:
+                entry["rel_error_before"] = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
+            step_stats = _stats(layers)
+            with record_inputs(layers, step_stats) if restats == "steps" and k + 1 < rounds \
+                    else contextlib.nullcontext():
+                entry["rel_loss"] = optimize_round_(block, weights, work, dense_out, idx, optimizer)
+            if log_errors:
+                entry["rel_error_after"] = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
+            log.append(entry)
+        final, err = collect_stats(block, layers, work, batch_size, reference=dense_out)
+        prune_rgs_(layers, final, grads, alpha, sparsity, nm)  # the exact pattern again
     finally:
         block.to(dtype)
-    return {"grad_norm_ratio": ratios, "ro": log}
+    return {"grad_norm_ratio": ratios, "ro": log, "rel_error_ro": err}
