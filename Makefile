@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (each creates or reuses .venv):
-#   make demo   the main job: SmolLM2-135M -> Wanda++ 2:4 -> INT4 -> QuZO on SST-2, with accuracy, perplexity,
-#               sparsity and size after every stage (recipes/smollm2-wandapp24-int4-quzo-sst2.yaml)
+#   make demo   the main job: SmolLM2-135M -> Wanda++ 2:4 -> INT4 -> LoRA recovery on SST-2, with accuracy, perplexity,
+#               sparsity and size after every stage (recipes/smollm2-wandapp24-int4-recover-sst2.yaml)
 #   make test   lint and run the test suite
 # make demo-mezo is the short MeZO job (SST-2, accuracy before and after, a few minutes).
 PYTHON ?= python3
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/zolm run recipes/smollm2-wandapp24-int4-quzo-sst2.yaml --data-dir $(DATA) --overwrite
+	$(VENV)/bin/zolm run recipes/smollm2-wandapp24-int4-recover-sst2.yaml --data-dir $(DATA) --overwrite
 
 demo-mezo: $(STAMP)
 	$(VENV)/bin/zolm finetune --model smollm2-135m --task sst2 --method mezo --data-dir $(DATA) \

@@ -97,3 +97,19 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
         p.write_text(text)
     with pytest.raises(ZolmError, match=message):
         Recipe.from_file(p)
+
+
+def test_summary_table_shows_each_stage_and_what_the_recovery_changed():
+    from zolm.pipeline import summary_table
+
+    stages = [{"stage": "input", "sst2": 0.5, "perplexity": 30.0, "sparsity": {"pruned": 0.0}, "tensor_mib": 500.0,
+               "seconds": 1.0},
+              {"stage": "quantize", "sst2": 0.52, "perplexity": 100.0, "sparsity": {"pruned": 0.5}, "disk_mib": 100.0,
+               "format": "int4-g32", "seconds": 2.0},
+              {"stage": "finetune", "sst2": 0.7, "perplexity": 103.0, "sparsity": {"pruned": 0.5}, "disk_mib": 100.0,
+               "before": {}, "after": {}, "train_time_s": 3.0, "seconds": 4.0}]
+    lines = summary_table(stages)
+    assert lines[0] == "| stage | sst2 | perplexity | pruned | MiB | s |"
+    assert lines[3] == "| 1 quantize | 0.52 | 100 | 0.50 | 100.0 | 2 |"
+    assert lines[-1] == ("stage 2 (finetune) against its start: sst2 0.520 -> 0.700 (+0.180), "
+                         "perplexity 100.00 -> 103.00 (+3.0%)")

@@ -272,6 +272,34 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, echo=print) -> list[dict
     return summaries
 
 
+def summary_table(summaries: list[dict]) -> list[str]:
+    """The before/after table of a recipe run (one row per stage: task accuracies, perplexity, pruned share, size,
+    seconds) and, for every fine-tuning stage, its change against the stage before it (the compressed start)."""
+    skip = {"stage", "before", "after", "seconds", "sparsity", "disk_mib", "tensor_mib", "perplexity", "format",
+            "train_time_s"}
+    metrics = [k for k in summaries[0] if k not in skip and isinstance(summaries[0][k], int | float)] if summaries \
+        else []
+    head = ["stage", *metrics, "perplexity", "pruned", "MiB", "s"]
+    rows = [head, ["---"] * len(head)]
+    for i, s in enumerate(summaries):
+        ppl, mib = s.get("perplexity"), s.get("disk_mib") or s.get("tensor_mib")
+        rows.append([f"{i} {s['stage']}", *(_fmt(s.get(k)) for k in metrics), _fmt(ppl) if ppl else "-",
+                     f"{s.get('sparsity', {}).get('pruned', 0):.2f}", f"{mib:.1f}" if mib else "-",
+                     f"{s.get('seconds', 0):.0f}"])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    for i, s in enumerate(summaries[1:], 1):
+        if s["stage"] != "finetune":
+            continue
+        start = summaries[i - 1]
+        parts = [f"{k} {start[k]:.3f} -> {s[k]:.3f} ({s[k] - start[k]:+.3f})" for k in metrics
+                 if isinstance(start.get(k), int | float) and isinstance(s.get(k), int | float)]
+        if start.get("perplexity") and s.get("perplexity"):
+            parts.append(f"perplexity {start['perplexity']:.2f} -> {s['perplexity']:.2f} "
+                         f"({100 * (s['perplexity'] / start['perplexity'] - 1):+.1f}%)")
+        lines.append(f"stage {i} (finetune) against its start: " + ", ".join(parts))
+    return lines
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

@@ -23,7 +23,8 @@ def tiny(tiny_llama_dir, data_dir):
     return model, tasks, tok.pad_token_id
 
 
-@pytest.mark.parametrize("imp", [ImportanceConfig(alpha=0.0), ImportanceConfig(alpha=1.0, beta=0.5, term_norm=True),
+@pytest.mark.parametrize("imp", [ImportanceConfig(alpha=0.0, curvature="fisher"),
+                                 ImportanceConfig(alpha=1.0, beta=0.5, term_norm=True, curvature="fisher"),
                                  ImportanceConfig(curvature="activation")], ids=["global", "term_norm", "rowwise"])
 def test_aggregated_mask_ignores_the_scale_of_one_tasks_loss(tiny, monkeypatch, imp):
     model, tasks, pad = tiny
@@ -73,12 +74,15 @@ def test_build_masks_kinds_and_report(tiny):
     with pytest.raises(ZolmError, match="needs calibration data"):
         build_masks(model, weights, MaskRecipe(kind="importance"), [], pad)
     # one calibration mini-batch: the fisher curvature splits it in two instead of stopping
-    one, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8), tasks, pad)
-    two, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=4), tasks, pad)
+    fisher = ImportanceConfig(curvature="fisher")
+    one, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8, importance=fisher), tasks,
+                         pad)
+    two, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=4, importance=fisher), tasks,
+                         pad)
     check_rows(one, 0.05)
     assert all(torch.equal(one[n], two[n]) for n in one)
     with pytest.raises(ZolmError, match="task sst2: the fisher curvature needs >= 2 calibration examples, got 1"):
-        build_masks(model, weights, MaskRecipe(calib_examples=1, calib_batch_size=8), tasks, pad)
+        build_masks(model, weights, MaskRecipe(calib_examples=1, calib_batch_size=8, importance=fisher), tasks, pad)
     masks, _ = build_masks(model, weights, MaskRecipe(calib_examples=8, calib_batch_size=8,
                                                       importance=ImportanceConfig(curvature="activation")), tasks, pad)
     check_rows(masks, 0.05)

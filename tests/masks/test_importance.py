@@ -39,7 +39,7 @@ def test_terms_follow_the_formulas():
     assert torch.allclose(s.mean_grad(), mean) and torch.allclose(s.curvature("fisher"), h)
     assert torch.allclose(greedy_term(mean), mean**2)
     assert torch.allclose(global_term(mean, h), mean**2 / (2 * (h + lam)))
-    terms = score_terms(s, torch.ones(4, 6), ImportanceConfig())
+    terms = score_terms(s, torch.ones(4, 6), ImportanceConfig(curvature="fisher"))
     assert set(terms) == {"global", "greedy", "magnitude"}
     # under the empirical Fisher S_global = (mean g_b)^2 / (2 mean g_b^2) lies in [0, 1/2] whatever the scale
     assert float(terms["global"].max()) <= 0.5 + 1e-6
@@ -62,7 +62,7 @@ def test_importance_is_zero_where_the_formula_says_so():
     g[2, :] = 0.0  # a row whose gradient vanishes (e.g. a dead output neuron)
     s = stats_from([g, g * 0.5])
     assert torch.equal(magnitude_term(w) == 0, w == 0)  # |W| vanishes exactly at zero weights (-0.0 included)
-    cfg = ImportanceConfig(alpha=1.0, beta=0.3)
+    cfg = ImportanceConfig(alpha=1.0, beta=0.3, curvature="fisher")
     score = task_score(s, w, cfg)
     terms = score_terms(s, w, cfg)
     zero_w = w == 0
@@ -77,7 +77,7 @@ def test_importance_is_zero_where_the_formula_says_so():
 
 def test_zero_gradients_give_zero_not_nan():
     s = stats_from([torch.zeros(3, 4)])
-    out = normalized_task_score(s, torch.zeros(3, 4), ImportanceConfig())
+    out = normalized_task_score(s, torch.zeros(3, 4), ImportanceConfig(curvature="fisher"))
     assert torch.equal(out, torch.zeros(3, 4))
 
 
@@ -93,12 +93,12 @@ def test_term_norm_makes_alpha_and_beta_relative_weights():
     g = [torch.randn(4, 8) * 1e-3 for _ in range(4)]
     w = torch.randn(4, 8)
     s = stats_from(g)
-    plain = task_score(s, w, ImportanceConfig(alpha=1.0, beta=0.0))
-    only_global = task_score(s, w, ImportanceConfig(alpha=0.0, beta=0.0))
+    plain = task_score(s, w, ImportanceConfig(alpha=1.0, beta=0.0, curvature="fisher"))
+    only_global = task_score(s, w, ImportanceConfig(alpha=0.0, beta=0.0, curvature="fisher"))
     # without term_norm, S_greedy = g^2 (~1e-6) barely moves the score: the default is S_global in all but name
     assert torch.allclose(plain, only_global, rtol=1e-4)
-    normed = task_score(s, w, ImportanceConfig(alpha=1.0, beta=0.0, term_norm=True))
-    t = {k: row_normalize(v) for k, v in score_terms(s, w, ImportanceConfig()).items()}
+    normed = task_score(s, w, ImportanceConfig(alpha=1.0, beta=0.0, term_norm=True, curvature="fisher"))
+    t = {k: row_normalize(v) for k, v in score_terms(s, w, ImportanceConfig(curvature="fisher")).items()}
     assert torch.allclose(normed, t["global"] + t["greedy"])
 
 
@@ -133,3 +133,19 @@ def test_gradient_stats_equal_autograd_and_restore_flags(tiny_llama_dir, data_di
         assert stats[n].tokens == sum(int(b["input_ids"].numel()) for b in batches)
     with pytest.raises(ZolmError, match="no parameter named 'nope'"):
         gradient_stats(model, batches, lambda m, b: task_loss(m, b, "classification"), ["nope"])
+
+
+def test_default_importance_ranks_by_the_gradient_not_by_its_sign_consistency():
+    """Column 0: a tiny gradient with the same sign in both mini-batches; column 1: a large mean gradient whose
+    mini-batches disagree. The fisher curvature ranks column 0 first (S_global = 1/2 for any consistent sign); the
+    default (activation curvature, equal inputs) ranks by the mean gradient, as a ZO update mask should."""
+    from zolm.masks.multitask import topk_row_mask
+
+    batches = [torch.tensor([[1e-3, 1.0]]), torch.tensor([[1e-3, -0.5]])]
+    inputs = torch.ones(5, 2)  # both columns see the same activations
+    s = stats_from(batches, inputs)
+    assert ImportanceConfig().curvature == "activation"
+    default = topk_row_mask(normalized_task_score(s, torch.ones(1, 2), ImportanceConfig()), 0.5)
+    fisher = topk_row_mask(normalized_task_score(s, torch.ones(1, 2), ImportanceConfig(curvature="fisher")), 0.5)
+    assert default.tolist() == [[False, True]]
+    assert fisher.tolist() == [[True, False]]

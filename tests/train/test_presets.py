@@ -25,7 +25,8 @@ REF_LR = {"mezo": 1e-3, "fo-adamw": 1e-3, "fo-sgd": 1e-2, "fo-lora": 1e-3, "quzo
 PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"},  # identity-start TT adapters
           **{m: {"clip": "none"} for m in ("quzo", "quant-mezo")},  # INT4 scales clipped by default
           # a fake-quant base now also fake-quantizes the INT8 embedding it is saved with (it trained on a float one)
-          "fo-ste": {"clip": "none", "embed_bits": None}}
+          "fo-ste": {"clip": "none", "embed_bits": None},
+          "mazo": {"mazo_curvature": "fisher"}}  # MaZO's default importance is the activation curvature
 CHANGED_FILES = {"fo-ste": {"model/zolm-quantized.safetensors"}}  # now saved with the float embedding it trained
 
 

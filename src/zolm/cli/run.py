@@ -17,9 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zolm.pipeline import Recipe, run_recipe
+    from zolm.pipeline import Recipe, run_recipe, summary_table
 
     recipe = Recipe.from_file(args.recipe, out=args.out, data_dir=args.data_dir, model=args.model)
-    run_recipe(recipe, overwrite=args.overwrite)
+    summaries = run_recipe(recipe, overwrite=args.overwrite)
+    print("\n".join(summary_table(summaries)))
     print(f"pipeline summary: {recipe.out}/pipeline.json")
     return 0

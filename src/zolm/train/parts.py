@@ -144,8 +144,8 @@ class MaskOptions:
                                "of the decoder blocks)", flag="mask_params")
     alpha: float = option(1.0, "MaZO: weight of the greedy importance term g^2", flag="mazo_alpha")
     beta: float = option(0.0, "MaZO: weight of the magnitude term |W|", flag="mazo_beta")
-    curvature: str = option("fisher", "MaZO: h in g^2/(2(h+lambda)): fisher (mean squared mini-batch gradient) or "
-                            "activation (mean x_j^2 of the layer input)", flag="mazo_curvature",
+    curvature: str = option("activation", "MaZO: h in g^2/(2(h+lambda)): activation (mean x_j^2 of the layer input) "
+                            "or fisher (mean squared mini-batch gradient)", flag="mazo_curvature",
                             choices=("fisher", "activation"))
     damping: float = option(1e-8, "MaZO: lambda = damping * mean(h)", flag="mazo_damping")
     row_eps: float = option(1e-12, "MaZO: per-task row normalisation S / (max_j S + eps)", flag="mazo_row_eps")
