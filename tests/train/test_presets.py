@@ -121,7 +121,9 @@ def block_weights(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-LOW_BIT = {name for name, p in PRESETS.items() if p.base.get("kind") == "low-bit"}
+# presets that run on a saved INT4 model: low-bit bases, and float masters on fixed scales (they start from its grid)
+LOW_BIT = {name for name, p in PRESETS.items() if p.base.get("kind") == "low-bit"
+           or (p.base.get("kind") == "fake-quant" and p.base.get("fake_scales") == "fixed")}
 ADAPTER_DIR = {name for name, p in PRESETS.items() if p.train.get("kind") == "tt"}  # relu TT: an adapter folder
 
 
