@@ -172,16 +172,15 @@ def main() -> None:
     full_sq = sum(float((x.double() ** 2).sum()) for x in grads.values())
     seeds = list(range(1, a.seeds + 1))
     include = [f"^{re.escape(n)}$" for n in names]
-    for v in VARIANTS:
-        ps = ParamSet(model, include=include, masks=masks[v])
+    def spsa(mask: dict[str, torch.Tensor] | None) -> dict:
+        ps = ParamSet(model, include=include, masks=mask)
         st = estimator_stats(projected_grads(loss, ps, seeds), seeds, ps, grads, full_sq=full_sq)
-        table[v]["spsa"] = {k: (round(x, 6) if isinstance(x, float) else x) for k, x in st.items()
-                            if k in ("d_eff", "mass", "rel_mse", "cos_full", "cos_target")}
-    ps = ParamSet(model, include=include)
-    st = estimator_stats(projected_grads(loss, ps, seeds), seeds, ps, grads, full_sq=full_sq)
-    table["no mask (maskable weights)"] = {"spsa": {k: (round(x, 6) if isinstance(x, float) else x)
-                                                    for k, x in st.items()
-                                                    if k in ("d_eff", "mass", "rel_mse", "cos_full", "cos_target")}}
+        return {k: (round(x, 6) if isinstance(x, float) else x) for k, x in st.items()
+                if k in ("d_eff", "mass", "rel_mse", "cos_full", "cos_target")}
+
+    for v in VARIANTS:
+        table[v]["spsa"] = spsa(masks[v])
+    table["no mask (maskable weights)"] = {"spsa": spsa(None)}
     print(json.dumps({"benchmark": "mazo_importance", "model": a.model, "tasks": a.tasks.split(","),
                       "ratio": a.ratio, "calib_per_task": a.calib, "held_out_per_task": a.held_out,
                       "seeds": a.seeds, "variants": table, "calibration_s": round(t_cal, 1),

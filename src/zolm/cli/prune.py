@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from zolm.errors import ZolmError
-from zolm.prune.api import METHODS, PruneConfig
+from zolm.prune.api import METHODS, RO_STATS, PruneConfig
 from zolm.utils.outputs import check_output
 
 DEFAULTS = PruneConfig()  # one source of defaults for the flags below
@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     wpp.add_argument("--ro-lr", type=float, default=DEFAULTS.ro_lr,
                      help="RMSprop learning rate of RO (tuned at 135M; the paper's 3e-7 is for LLaMA-7B)")
     wpp.add_argument("--no-ro", action="store_true", help="RGS only: skip regional optimisation")
-    wpp.add_argument("--ro-stats", choices=("steps", "pass"), default=DEFAULTS.ro_stats,
+    wpp.add_argument("--ro-stats", choices=tuple(RO_STATS), default=DEFAULTS.ro_stats,
                      help="where a round's re-prune takes input norms from: the previous round's RO steps (free) "
                           "or a forward of the round's inputs (the community reproduction)")
     wpp.add_argument("--ro-log-errors", action="store_true",

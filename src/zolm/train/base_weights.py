@@ -18,7 +18,7 @@ from zolm import models
 from zolm.blocks import is_linear, out_in
 from zolm.errors import ZolmError
 from zolm.quant.formats import QuantFormat
-from zolm.quant.linear import QuantLinear, quantize_
+from zolm.quant.linear import QuantEmbedding, QuantLinear, quantize_
 from zolm.quant.placement import cast_float_parts_
 from zolm.quant.primitives import compute_scales, dequantize, quantize
 from zolm.train.config import FinetuneConfig
@@ -31,9 +31,15 @@ def ensure_quantized(model, config: FinetuneConfig) -> None:
     if have is None:
         quantize_(model, qc)  # the new layers' float parts (biases, embedding output) follow the run's dtype
         cast_float_parts_(model, models.resolve_dtype(config.dtype))
-    elif _layout(have) != _layout(qc.to_dict()):
+    else:
+        check_layout(have, qc)
+
+
+def check_layout(have: dict, qc) -> None:
+    """Raise ZolmError unless a saved model's quantization record ``have`` is the layout the run asks for."""
+    if _layout(have) != _layout(qc.to_dict()):
         raise ZolmError(f"the model is already quantized as {have['weight']}, not as the run asks "
-                        f"({qc.weight.name}); pass matching --bits/--format/--group-size")
+                        f"({qc.weight.name}); pass matching --bits/--format/--group-size/--embed-bits")
 
 
 def _layout(d: dict) -> dict:
@@ -71,12 +77,8 @@ def float_masters_(model, config: FinetuneConfig) -> dict[str, torch.Tensor]:
     the fake-quant forward rounds onto exactly the saved grid: the run starts from the low-bit model's forward
     (QuZO's float-master regime after ``zolm quantize``). The format must be the run's."""
     from zolm.export import to_dense
-    from zolm.quant.linear import QuantEmbedding
 
-    have, qc = model.config.zolm_quantization, config.base.quant_config()
-    if _layout(have) != _layout(qc.to_dict()):
-        raise ZolmError(f"the model is quantized as {have['weight']}, not as the run asks ({qc.weight.name}); "
-                        "pass matching --bits/--format/--group-size/--embed-bits")
+    check_layout(model.config.zolm_quantization, config.base.quant_config())
     scales = {name: mod.scale.detach().clone() for name, mod in model.named_modules()
               if isinstance(mod, QuantLinear | QuantEmbedding)}
     to_dense(model)
