@@ -4,15 +4,22 @@ For each task it fine-tunes SmolLM2-135M with, in one run of this script:
   mezo-fp32            MeZO on the float32 model
   quant-mezo-int8/int4 MeZO's full-precision perturbation on the quantized model, updates rounded to nearest
   quzo-int8/int4       QuZO: 4-bit stochastically rounded perturbations (two independent draws), SR updates
+  quzo-fm-int8/int4    QuZO's float-master regime: float masters, forward rounded onto a fixed grid, 4-bit
+                       perturbations, float updates (what QuZO's full-model runs do)
+  quzo-lora-int4       QuZO on LoRA adapters (r 8, q/v) over the frozen INT4 codes (QuZO's LoRA runs)
   fo-ste-int4          first order, fake-quantized forward with a straight-through estimator, AdamW
 all with the same steps, batch, data and seed (INT4: groups of 32 columns; embeddings INT8). It reports the
 test accuracy of each before (zero-shot, on its own quantized model) and after training (best on dev), then,
-each in its own subprocess, the peak resident memory of three training steps of MeZO fp32, QuZO INT4 (on the
-model saved in INT4, as `zolm quantize` writes it, so that no float32 copy ever exists in the process) and
-FO-STE INT4 (float32 master weights), and the weight bytes of the fp32, INT8 and INT4 models.
+each in its own subprocess, the peak resident memory of three training steps of MeZO fp32, QuZO INT4, QuZO-FM
+INT4 and QuZO-LoRA INT4 (each on the model saved in INT4, as `zolm quantize` writes it, so that no float32 copy
+exists unless the method makes one) and FO-STE INT4 (float32 master weights), and the weight bytes of the fp32,
+INT8 and INT4 models.
 
 Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~2 h)
             .venv/bin/python benchmarks/quzo.py --quick          (smoke run, a few minutes)
+            issue 13's table (SST-2, 200 steps, ~2 h at one thread):
+            OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 \
+            --lr-schedule linear --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32,fo-ste-int4,quzo-fm-int8
 Prints one JSON line.
 """
 
@@ -36,8 +43,12 @@ RUNS = {  # name: (method, extra config)
     "quant-mezo-int4": ("quant-mezo", {"bits": 4}),
     "quzo-int8": ("quzo", {"bits": 8}),
     "quzo-int4": ("quzo", {"bits": 4}),
+    "quzo-fm-int8": ("quzo-fm", {"bits": 8}),
+    "quzo-fm-int4": ("quzo-fm", {"bits": 4}),
+    "quzo-lora-int4": ("quzo-lora", {"bits": 4}),
     "fo-ste-int4": ("fo-ste", {"bits": 4}),
 }
+DEFAULT_RUNS = "mezo-fp32,quant-mezo-int8,quant-mezo-int4,quzo-int8,quzo-int4,fo-ste-int4"
 
 
 def train(task: str, name: str, steps: int, args, out: Path) -> dict:
@@ -45,7 +56,9 @@ def train(task: str, name: str, steps: int, args, out: Path) -> dict:
     from zolm.train.loop import finetune
 
     method, extra = RUNS[name]
-    lr = args.fo_lr if method == "fo-ste" else args.lr
+    lr = args.fo_lr if method == "fo-ste" else args.lora_lr if method == "quzo-lora" else args.lr
+    if args.lr_schedule:
+        extra = {**extra, "lr_schedule": args.lr_schedule}
     cfg = FinetuneConfig.of(out=str(out), model=args.model, task=task, data_dir=str(DATA), method=method, lr=lr,
                          steps=steps, batch_size=args.batch_size, num_dev=args.num_dev, num_test=args.num_test,
                          eval_every=max(1, steps // 2), eval_batch_size=32, **extra)
@@ -53,7 +66,8 @@ def train(task: str, name: str, steps: int, args, out: Path) -> dict:
     r = finetune(cfg)
     metric = "accuracy"
     return {"before": r["before"][metric], "after": r["after"][metric], "best_dev": r["best_dev"][metric],
-            "lr": lr, "train_s": r["train_time_s"], "wall_s": round(time.perf_counter() - t, 1)}
+            "lr": lr, "lr_schedule": cfg.optim.lr_schedule, "train_s": r["train_time_s"],
+            "wall_s": round(time.perf_counter() - t, 1)}
 
 
 def memory_worker(name: str, model_name: str, batch: int) -> dict:
@@ -109,9 +123,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5, help="ZO learning rate (all ZO runs)")
     ap.add_argument("--fo-lr", type=float, default=1e-5, help="FO-STE learning rate (AdamW)")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="quzo-lora's learning rate (adapters)")
+    ap.add_argument("--lr-schedule", choices=("constant", "linear"), default=None,
+                    help="every run's schedule (default: each method's own)")
     ap.add_argument("--num-dev", type=int, default=200)
     ap.add_argument("--num-test", type=int, default=500)
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma list of {','.join(RUNS)}")
     ap.add_argument("--out", default=None, help="keep the run directories here")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -139,7 +156,8 @@ def main() -> None:
         del model
         memory = {name: run_worker(__file__, name, src, str(args.batch_size))
                   for name, src in (("mezo-fp32", args.model), ("quzo-int4", str(Path(qdir) / "int4")),
-                                    ("fo-ste-int4", args.model))}
+                                    ("quzo-fm-int4", str(Path(qdir) / "int4")),
+                                    ("quzo-lora-int4", str(Path(qdir) / "int4")), ("fo-ste-int4", args.model))}
     print(json.dumps({
         "benchmark": "quzo", "model": args.model, "steps": args.steps, "batch": args.batch_size,
         "num_dev": args.num_dev, "num_test": args.num_test, "accuracy": table,

@@ -11,7 +11,7 @@ from zolm.pipeline import Recipe, run_recipe
 from zolm.quant.serialize import WEIGHTS
 
 
-def _recipe(tmp_path, model_dir, data_dir, steps=4) -> str:
+def _recipe(tmp_path, model_dir, data_dir, steps=4, method="quzo") -> str:
     text = f"""
 model: {model_dir}
 data_dir: {data_dir}
@@ -20,7 +20,7 @@ report: {{tasks: [sst2], num_test: 6}}
 stages:
   - prune: {{method: magnitude, nm: "2:4"}}
   - quantize: {{bits: 4, group_size: 16, embed_bits: 8}}
-  - finetune: {{method: quzo, task: sst2, steps: {steps}, lr: 0.05, batch_size: 4, num_train: 16, num_dev: 4,
+  - finetune: {{method: {method}, task: sst2, steps: {steps}, lr: 0.05, batch_size: 4, num_train: 16, num_dev: 4,
                num_test: 6, eval_every: 2}}
   - eval: {{}}
 """
@@ -46,6 +46,21 @@ def test_recipe_runs_every_stage_and_keeps_sparsity_and_grid(tmp_path, tiny_llam
             groups = codes.view(codes.shape[0], -1, 4)
             assert ((groups != 0).sum(-1) <= 2).all(), f"{name} breaks 2:4 after fine-tuning"
     assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"][3]["stage"] == "finetune"
+
+
+def test_a_lora_recovery_keeps_the_compressed_base_and_is_measured_with_its_adapter(tmp_path, tiny_llama_dir,
+                                                                                    data_dir):
+    from zolm.adapters import is_lora_dir
+
+    recipe = _recipe(tmp_path, tiny_llama_dir, data_dir, method="fo-lora, base: low-bit")
+    summaries = run_recipe(Recipe.from_file(recipe), echo=lambda s: None)
+    quantized, recovered = summaries[2], summaries[3]
+    assert is_lora_dir(tmp_path / "out" / "3-finetune" / "run" / "model")
+    assert recovered["sparsity"]["pruned"] == pytest.approx(0.5)
+    size = lambda d: sum(f.stat().st_size for f in (tmp_path / "out" / d).rglob("*.safetensors"))  # noqa: E731
+    assert size("2-quantize/model") < size("3-finetune/run/model") < 1.5 * size("2-quantize/model")  # + adapter
+    assert recovered["tensor_mib"] < summaries[1]["tensor_mib"] * 0.5
+    assert summaries[4]["sst2"] == recovered["sst2"]  # the eval stage measures the same folder
 
 
 def test_an_interrupted_recipe_restarts_where_it_stopped(tmp_path, tiny_llama_dir, data_dir, monkeypatch):

@@ -141,7 +141,7 @@ def _key(*parts: Any) -> str:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".gguf"))
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf"))
 
 
 @torch.no_grad()
@@ -152,8 +152,8 @@ def sparsity(model) -> dict[str, float]:
 
     head = model.get_output_embeddings()
     zeros = total = pruned = 0
-    for layer in model.modules():
-        if layer is head or not (isinstance(layer, QuantLinear) or is_linear(layer)):
+    for name, layer in model.named_modules():
+        if layer is head or ".lora_" in name or not (isinstance(layer, QuantLinear) or is_linear(layer)):
             continue
         if isinstance(layer, QuantLinear):
             w = layer.dequantize()
@@ -169,11 +169,12 @@ def sparsity(model) -> dict[str, float]:
 
 def measure(model_dir: str, report: dict, data_dir: str | None) -> dict:
     """Accuracy on ``report['tasks']``, perplexity, sparsity and size of the model saved in ``model_dir``."""
+    from zolm.adapters import load_model_or_adapters
     from zolm.data.encode import encode_all
     from zolm.data.tasks import load_splits
     from zolm.eval.evaluate import evaluate_items
 
-    model, tok = models.load(model_dir)
+    model, tok = load_model_or_adapters(model_dir)  # a LoRA stage's output: its low-bit base + the adapter
     out: dict[str, Any] = {"sparsity": sparsity(model)}
     p = Path(model_dir)
     out["disk_mib"] = round(_dir_bytes(p) / 2**20, 1) if p.is_dir() else None
@@ -194,6 +195,13 @@ def measure(model_dir: str, report: dict, data_dir: str | None) -> dict:
     return out
 
 
+def _load_plain(src: str):
+    """The previous stage's model as a plain (or zolm low-bit) model: a LoRA stage's adapter is merged."""
+    from zolm.adapters import load_model_or_adapters
+
+    return load_model_or_adapters(src, merge=True)
+
+
 def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quant: dict) -> tuple[str, dict]:
     """Run one stage on the model in ``src``; returns (its output model directory, details)."""
     details: dict[str, Any] = {}
@@ -202,7 +210,7 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         from zolm.prune.api import prune_
 
         cfg = _prune_config(opts)
-        model, tok = models.load(src)
+        model, tok = _load_plain(src)
         limit = getattr(model.config, "max_position_embeddings", None)
         if cfg.needs_calibration and isinstance(limit, int) and opts.get("seqlen", 256) > limit:
             raise ZolmError(f"prune stage: seqlen {opts['seqlen']} is longer than the model's {limit} positions "
@@ -219,7 +227,7 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
     if kind == "quantize":
         from zolm.quant.linear import quantize_
         qc = quant_options(opts, "quantize stage").quant_config()
-        model, tok = models.load(src)
+        model, tok = _load_plain(src)
         quantize_(model, qc)
         models.save(model, tok, sdir / "model")
         return str(sdir / "model"), {"format": qc.weight.name}

@@ -159,3 +159,18 @@ def test_tied_head_slices_equal_gathered_rows(bits):
     gathered = torch.nn.functional.linear(h, qemb.rows(torch.arange(1003)))
     assert torch.equal(qemb.row_range(100, 357), qemb.rows(torch.arange(100, 357)))
     assert torch.allclose(head(h), gathered, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat("int", 4, group_size=8), QuantFormat("int", 4),
+                                 QuantFormat("int", 8), QuantFormat("fp8", 8, fp8="e4m3")], ids=lambda f: f.name)
+def test_fake_quantize_is_the_codes_round_trip_bit_for_bit(fmt):
+    """The fake-quant forward (no codes made) equals dequantize(quantize(w)) exactly, ties and clamping too."""
+    from zolm.quant.primitives import compute_scales, dequantize, fake_quantize, quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=g) * 0.05
+    scale = compute_scales(w, fmt)
+    w[0, :8] = 0.5 * scale[0, 0] * torch.tensor([1, 3, 5, -1, -3, 7, 99, -99])  # exact .5 ties, out of range
+    before = w.clone()
+    assert torch.equal(fake_quantize(w, scale, fmt), dequantize(quantize(w, scale, fmt), scale, fmt))
+    assert torch.equal(w, before), "the masters are not touched"

@@ -65,10 +65,19 @@ def test_quzo_lora_trains_adapters_over_frozen_codes_and_replays_bit_identically
 
     ckpt = load_file(str(tmp_path / "run" / "checkpoint" / "weights.safetensors"))
     assert all(torch.equal(ckpt[k], v) for k, v in trained.trainable.items()), "replay == training, bit for bit"
-    # the merged model is a plain float transformers model with the trained function
+    # the saved model keeps the frozen codes beside the adapter and gives the trained function; merged, a plain
+    # float model with the same function (zolm export --format hf writes that one)
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    from zolm.adapters import load_model_or_adapters
+
+    saved, _ = load_model_or_adapters(str(tmp_path / "run" / "model"))
+    saved_codes = list(codes(saved).values())
+    assert len(saved_codes) == len(start_codes)
+    assert all(torch.equal(a, b) for a, b in zip(start_codes.values(), saved_codes)), "the saved codes are the base's"
+    assert torch.equal(logits(saved), logits(trained.model))
+    merged, _ = load_model_or_adapters(str(tmp_path / "run" / "model"), merge=True)
+    assert isinstance(merged, type(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)))
     assert torch.allclose(logits(merged), logits(trained.model), atol=1e-5)
     from peft import PeftModel
 

@@ -108,10 +108,11 @@ def int4_dir(tiny_llama_dir, tmp_path_factory):
 
 
 def block_weights(folder) -> dict[str, torch.Tensor]:
-    """Dense block linear weights of a saved model (dequantized when it is low-bit)."""
+    """Dense block linear weights of a saved model (dequantized when it is low-bit; a LoRA folder merged)."""
+    from zolm.adapters import is_lora_dir, load_model_or_adapters
     from zolm.quant.linear import QuantLinear
 
-    model, _ = models.load(str(folder))
+    model, _ = load_model_or_adapters(str(folder), merge=is_lora_dir(folder))
     out = {}
     for name, m in model.named_modules():
         if ".layers." in name and isinstance(m, QuantLinear):

@@ -168,11 +168,17 @@ def load_model_with_adapters(path: str | Path, dtype: str | torch.dtype = "float
 
 
 def load_model_or_adapters(name_or_path: str, dtype: str | torch.dtype = "float32", merge: bool = False):
-    """``(model, tokenizer)`` for anything ``zolm.models.load`` takes, and for a TT adapter directory (the base it
-    names with the adapters; ``merge``: folded into a plain transformers model, ZolmError when they are ReLU)."""
+    """``(model, tokenizer)`` for anything ``zolm.models.load`` takes, a TT adapter directory (the base it names
+    with the adapters) and a peft LoRA directory (zolm.adapters.lora: its ``base/`` low-bit model, or the base it
+    names, with the adapter). ``merge``: folded into a plain float transformers model; ZolmError for ReLU TT
+    adapters, which do not fold."""
     from zolm import models
     from zolm.adapters.inject import merge_adapters
+    from zolm.adapters.lora import is_lora_dir, load_lora_model, merged_lora_model
 
+    if is_lora_dir(name_or_path):
+        model, tok = load_lora_model(name_or_path, dtype)
+        return (merged_lora_model(model) if merge else model), tok
     if not is_adapter_dir(name_or_path):
         return models.load(name_or_path, dtype)
     model, tok = load_model_with_adapters(name_or_path, dtype)

@@ -107,6 +107,17 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torc
     return float_to_codes(x, fmt)
 
 
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Q(w) = s * clamp(round(w / s)) as float32 [out, in]: ``dequantize(quantize(w, scale, fmt), scale, fmt)``
+    bit for bit, without making the stored codes (INT: one division, rounding, clamping and product per
+    weight; FP8 takes the codes' path). The forward of a fake-quantized weight (STE, QuZO's float masters)."""
+    if fmt.kind == "fp8":
+        return dequantize(quantize(w, scale, fmt), scale, fmt)
+    s = scale.unsqueeze(-1)
+    x = group_view(w.float(), fmt.group_size) / s
+    return (x.round_().clamp_(fmt.qmin, fmt.qmax) * s).reshape(w.shape)
+
+
 _LUTS: dict[str, torch.Tensor] = {}
 
 

@@ -1,14 +1,16 @@
 """Adapter trainable sets: peft LoRA and zolm's tensor-train adapters, over a float or a zolm low-bit base.
 
     lora   peft LoRA (r 8, alpha 16 on q_proj, v_proj by default) on nn.Linear layers, and on zolm QuantLinear
-           layers through peft's custom-module hook (:class:`QuantLoraLinear`: the codes stay frozen, the adapter
-           is float32); where the base is pruned the delta B A is masked (zolm.train.sparsity)
+           layers through peft's custom-module hook (zolm.adapters.lora: the codes stay frozen, the adapter
+           is float32); where the base is pruned the delta B A is masked (zolm.adapters.lora.mask_lora_)
     tt     tensor-train adapters (AdaZeta, zolm.adapters) on the placement's layers, float or QuantLinear
 
 Adapters are initialised from generators seeded with the run seed, so rebuilding a run from its config (resume,
 ``zolm replay``) recreates the same start. Saving writes ``out/adapter`` (peft's format for LoRA) and
-``out/model``: LoRA merged into a plain float transformers model (dequantized when the base is low-bit); TT
-adapters merged when their activation is the identity over a dense float base, else an adapter directory that
+``out/model``: over a float base, LoRA merged into a plain float transformers model; over a low-bit base, a peft
+LoRA directory holding that base in ``base/`` (zolm.adapters.lora: the grid is kept; ``zolm eval`` runs it,
+``zolm export --format hf`` merges it into a float model); TT adapters merged when their activation is the
+identity over a dense float base, else an adapter directory that
 ``zolm.adapters.load_model_with_adapters`` loads (over a low-bit base it holds that base in ``base/``).
 """
 
@@ -19,32 +21,19 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from zolm import models
 from zolm.adapters import ADAPTER_PATTERN, TTAdapterConfig, add_tt_adapters, merge_adapters, save_adapters
+from zolm.adapters.lora import mask_lora_, merged_lora_model, register_quant_lora, save_lora_over_base
 from zolm.blocks import lora_targets
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.train.config import FinetuneConfig
-from zolm.train.sparsity import mask_lora_, merge_masked_lora, sparsity_masks
+from zolm.train.sparsity import sparsity_masks
 from zolm.train.trainables import Trainables
 
 log = logging.getLogger(__name__)
 LORA_PATTERN = r"\.lora_[AB]\."
-
-
-def _quant_lora_class():
-    """peft's LoRA Linear for a zolm QuantLinear base (defined lazily: peft is imported only when used)."""
-    from peft.tuners.lora import Linear
-
-    class QuantLoraLinear(Linear):
-        """y = QuantLinear(x) + B A x * scaling: peft's LoRA layer around frozen low-bit codes."""
-
-        def _get_in_out_features(self, module: nn.Module):
-            return module.in_features, module.out_features
-
-    return QuantLoraLinear
 
 
 def wrap_lora(model, config: FinetuneConfig):
@@ -60,8 +49,7 @@ def wrap_lora(model, config: FinetuneConfig):
                         f"e.g.: {', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])}")
     lora = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=targets,
                       task_type="CAUSAL_LM")
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        lora._register_custom_module({QuantLinear: _quant_lora_class()})
+    register_quant_lora(lora, model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return get_peft_model(model, lora)
@@ -75,34 +63,18 @@ def save_lora_adapter(model, path: Path, base_model: str) -> None:
     model.save_pretrained(path)
 
 
-@torch.no_grad()
-def merged_lora_model(model):
-    """A plain float transformers model with the (masked) LoRA delta merged, from a copy of ``model``."""
-    from zolm.export import to_dense
-
-    model = copy.deepcopy(model)
-    for module in model.modules():  # a low-bit base: dequantize each adapted layer, then merge as usual
-        base = getattr(module, "base_layer", None)
-        if isinstance(base, QuantLinear) and hasattr(module, "lora_A"):
-            dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-            dense.weight.data = base.dequantize()
-            if base.bias is not None:
-                dense.bias.data = base.bias.data.float()
-            module.base_layer = dense
-    merged = merge_masked_lora(model)
-    if getattr(merged.config, "zolm_quantization", None):
-        to_dense(merged)  # the rest of the low-bit model (other layers, embedding) as float
-    return merged
-
-
 def lora_set(model, config: FinetuneConfig) -> Trainables:
     """LoRA A and B of every target layer; the base (float or low-bit codes) is frozen."""
     model = wrap_lora(model, config)
+    low_bit = any(isinstance(m, QuantLinear) for m in model.modules())
     if config.base.keep_sparsity:
         mask_lora_(model)
 
     def save_model(m, path: Path, tok) -> None:
-        models.save(merged_lora_model(m), tok, path)
+        if low_bit:  # the INT4/INT8 grid is kept only apart from the adapter (merged, the delta rounds away)
+            save_lora_over_base(m, path, tok)
+        else:
+            models.save(merged_lora_model(m), tok, path)
 
     def save_extra(m, out: Path, tok) -> None:
         save_lora_adapter(m, out / "adapter", config.model)

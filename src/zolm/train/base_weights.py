@@ -20,7 +20,7 @@ from zolm.errors import ZolmError
 from zolm.quant.formats import QuantFormat
 from zolm.quant.linear import QuantEmbedding, QuantLinear, quantize_
 from zolm.quant.placement import cast_float_parts_
-from zolm.quant.primitives import compute_scales, dequantize, quantize
+from zolm.quant.primitives import compute_scales, fake_quantize, quantize
 from zolm.train.config import FinetuneConfig
 
 
@@ -65,7 +65,7 @@ class STEQuant(nn.Module):
         with torch.no_grad():
             v = w.t() if self.transposed else w
             scale = self.scale if self.scale is not None else compute_scales(v, self.fmt)
-            wq = dequantize(quantize(v, scale, self.fmt), scale, self.fmt).to(w.dtype)
+            wq = fake_quantize(v, scale, self.fmt).to(w.dtype)
             wq = wq.t() if self.transposed else wq
         return w + (wq - w).detach()
 
