@@ -125,6 +125,11 @@ def test_run_directory_guards(tiny_llama_dir, data_dir, tmp_path):
     finetune(cfg(tiny_llama_dir, data_dir, out, steps=2), overwrite=True)
     with pytest.raises(ZolmError, match=r"another config \(differs in: optim.lr\)"):
         finetune(cfg(tiny_llama_dir, data_dir, out, steps=2, lr=0.5))
+    # options of parts the run does not use (MeZO: the mask, LoRA, TT and quantization options) do not count
+    unused = dict(mazo_curvature="fisher", lora_r=4, tt_rank=3, bits=8)
+    assert finetune(cfg(tiny_llama_dir, data_dir, out, steps=2, **unused))["status"] == "done"
+    with pytest.raises(ZolmError, match=r"another config \(differs in: .*method.*train.kind, train.lora\)"):
+        finetune(cfg(tiny_llama_dir, data_dir, out, steps=2, method="mezo-lora"))
 
 
 def test_config_validation():

@@ -34,9 +34,20 @@ _TEMP = re.compile(r"^\..+\.(tmp|old)$")  # atomic_write_* / atomic_dir leftover
 ATOMIC_DIRS = ("checkpoint", "best", "model", "adapter")
 
 
+QUANT_FREE = ("kind", "keep_sparsity")  # what a float base uses of the base part
+
+
 def comparable(config: dict) -> dict:
-    """The parts of a config that make two runs the same run: all but ``out`` (spelling of the directory)."""
-    return {k: v for k, v in config.items() if k != "out"}
+    """The parts of a config that make two runs the same run: all but ``out`` (spelling of the directory) and the
+    options of parts the run does not use (a float base's quantization, the trainable set's other kinds), so
+    that a changed default of an unused option (e.g. the MaZO curvature under MeZO) does not block a resume."""
+    out = {k: v for k, v in config.items() if k != "out"}
+    train, base = out.get("train"), out.get("base")
+    if isinstance(train, dict):
+        out["train"] = {k: v for k, v in train.items() if k not in ("lora", "tt", "mask") or k == train.get("kind")}
+    if isinstance(base, dict) and base.get("kind") == "float":
+        out["base"] = {k: v for k, v in base.items() if k in QUANT_FREE}
+    return out
 
 
 def _alive(pid: int) -> bool:
