@@ -186,8 +186,8 @@ def main() -> None:
     ap.add_argument("--num-dev", type=int, default=100)
     ap.add_argument("--num-test", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--seeds", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=32, help="variance part: SPSA seeds (0: skip the part)")
+    ap.add_argument("--reps", type=int, default=5, help="overhead part: timed steps (0: skip the part)")
     a = ap.parse_args()
     if a.worker:
         kind, payload = a.worker[0], json.loads(a.worker[1])
@@ -203,13 +203,19 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = {m: run_worker(__file__, "train", json.dumps({"cfg": c}), timeout=4 * 3600) for m, c in cfgs.items()}
     t_train = time.perf_counter() - t0
-    variance = run_worker(__file__, "variance", json.dumps({"cfgs": cfgs, "seeds": a.seeds}), timeout=3600)
+    variance = run_worker(__file__, "variance", json.dumps({"cfgs": cfgs, "seeds": a.seeds}),
+                          timeout=3600) if a.seeds else None
     steps = {m: run_worker(__file__, "step", json.dumps({"cfg": c, "reps": a.reps}))
-             for m, c in cfgs.items() if m != "fo-adamw"}
+             for m, c in cfgs.items() if m != "fo-adamw"} if a.reps else {}
     names = a.tasks.split(",")
 
     def acc(res: dict) -> dict:
-        return {t: round(res[t]["accuracy"], 4) for t in names} | {"average": round(res["average"], 4)}
+        """Accuracy per task and on average, with binomial standard errors (test examples independent):
+        se_t = sqrt(p (1 - p) / n_t), se_avg = sqrt(sum se_t^2) / T."""
+        se = {t: (res[t]["accuracy"] * (1 - res[t]["accuracy"]) / res[t]["n"]) ** 0.5 for t in names}
+        return {t: round(res[t]["accuracy"], 4) for t in names} | {"average": round(res["average"], 4)} | {
+            "se": {t: round(v, 4) for t, v in se.items()} | {
+                "average": round(sum(v * v for v in se.values()) ** 0.5 / len(names), 4)}}
 
     zero = runs[methods[0]]["before"]
     accuracy = {"zero-shot": acc(zero)} | {m: acc(r["after"]) for m, r in runs.items()}

@@ -18,7 +18,7 @@ INT8 and INT4 models.
 Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~2 h)
             .venv/bin/python benchmarks/quzo.py --quick          (smoke run, a few minutes)
             issue 13's table (SST-2, 200 steps, ~2 h at one thread):
-            OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 \
+            OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 --fm-lr 1e-5 \
             --lr-schedule linear --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32,fo-ste-int4,quzo-fm-int8
 Prints one JSON line.
 """
@@ -56,7 +56,7 @@ def train(task: str, name: str, steps: int, args, out: Path) -> dict:
     from zolm.train.loop import finetune
 
     method, extra = RUNS[name]
-    lr = args.fo_lr if method == "fo-ste" else args.lora_lr if method == "quzo-lora" else args.lr
+    lr = {"fo-ste": args.fo_lr, "quzo-lora": args.lora_lr, "quzo-fm": args.fm_lr or args.lr}.get(method, args.lr)
     if args.lr_schedule:
         extra = {**extra, "lr_schedule": args.lr_schedule}
     cfg = FinetuneConfig.of(out=str(out), model=args.model, task=task, data_dir=str(DATA), method=method, lr=lr,
@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5, help="ZO learning rate (all ZO runs)")
     ap.add_argument("--fo-lr", type=float, default=1e-5, help="FO-STE learning rate (AdamW)")
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="quzo-lora's learning rate (adapters)")
+    ap.add_argument("--fm-lr", type=float, default=None,
+                    help="quzo-fm's learning rate (default --lr; the fixed grid amplifies the perturbation, "
+                         "docs/results.md issue 13)")
     ap.add_argument("--lr-schedule", choices=("constant", "linear"), default=None,
                     help="every run's schedule (default: each method's own)")
     ap.add_argument("--num-dev", type=int, default=200)

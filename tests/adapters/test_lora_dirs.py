@@ -57,6 +57,9 @@ def test_lora_over_pruned_int4_keeps_grid_and_zeros_and_reloads_the_trained_func
     assert not torch.allclose(_logits(loaded), _logits(start)), "the adapter changed the function"
     meta = json.loads((folder / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["base_model_name_or_path"].endswith("base")
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(folder)).r == 8  # peft reads the adapter's files
 
     merged, _ = load_model_or_adapters(str(folder), merge=True)
     assert not any(isinstance(m, QuantLinear) for m in merged.modules()), "merged: a plain float model"
