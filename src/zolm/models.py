@@ -150,6 +150,9 @@ def load(name_or_path: str, dtype: str | torch.dtype = "float32", use_cache: boo
     if looks_local:
         if not p.is_dir():
             raise ZolmError(f"no such model directory: {name_or_path}")
+        if not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+            raise ZolmError(f"{name_or_path} is an adapter folder, not a model: zolm eval / zolm export --format hf "
+                            "take it (zolm.adapters.load_model_or_adapters); to train further, export it merged")
         if not (p / "config.json").is_file():
             raise ZolmError(f"{name_or_path} is not a model directory (no config.json); "
                             f"built-in models: {', '.join(BUILTIN)}")

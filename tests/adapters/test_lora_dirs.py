@@ -85,3 +85,5 @@ def test_a_lora_folder_over_the_wrong_base_is_a_one_line_error(pruned_int4_dir, 
         load_lora_model(tmp_path / "run" / "model", base_model=tiny_opt_dir)
     with pytest.raises(ZolmError, match="not a peft LoRA directory"):
         load_lora_model(tmp_path)
+    with pytest.raises(ZolmError, match="is an adapter folder, not a model: zolm eval"):
+        models.load(str(tmp_path / "run" / "model"))

@@ -138,11 +138,16 @@ def save_lora_over_base(peft_model, path: str | Path, tokenizer=None) -> Path:
 
     path = Path(path)
     base = copy.deepcopy(peft_model).unload()  # the base layers, LoRA removed (not merged)
-    with atomic_dir(path) as tmp:
-        for cfg in peft_model.peft_config.values():
-            cfg.base_model_name_or_path = str((path / BASE_DIR).resolve())
-        peft_model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA A/B only
-        models.save(base, tokenizer, tmp / BASE_DIR)
+    named = {k: cfg.base_model_name_or_path for k, cfg in peft_model.peft_config.items()}
+    try:
+        with atomic_dir(path) as tmp:
+            for cfg in peft_model.peft_config.values():
+                cfg.base_model_name_or_path = str((path / BASE_DIR).resolve())
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA A/B only
+            models.save(base, tokenizer, tmp / BASE_DIR)
+    finally:  # the live model keeps the base it names
+        for k, cfg in peft_model.peft_config.items():
+            cfg.base_model_name_or_path = named[k]
     return path
 
 
