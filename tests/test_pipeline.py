@@ -54,7 +54,7 @@ def test_a_lora_recovery_keeps_the_compressed_base_and_is_measured_with_its_adap
 
     recipe = _recipe(tmp_path, tiny_llama_dir, data_dir, method="fo-lora, base: low-bit")
     summaries = run_recipe(Recipe.from_file(recipe), echo=lambda s: None)
-    quantized, recovered = summaries[2], summaries[3]
+    recovered = summaries[3]
     assert is_lora_dir(tmp_path / "out" / "3-finetune" / "run" / "model")
     assert recovered["sparsity"]["pruned"] == pytest.approx(0.5)
     size = lambda d: sum(f.stat().st_size for f in (tmp_path / "out" / d).rglob("*.safetensors"))  # noqa: E731

@@ -24,8 +24,8 @@ def _logits(model) -> torch.Tensor:
 
 
 def _state(model) -> dict[str, torch.Tensor]:
-    return {f"{n.replace('.base_layer', '')}.{k}": b.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)
-            for k, b in m.named_buffers(recurse=False)}
+    return {f"{n.replace('.base_layer', '')}.{k}": b.clone() for n, m in model.named_modules()
+            if isinstance(m, QuantLinear) for k, b in m.named_buffers(recurse=False)}
 
 
 @pytest.fixture
