@@ -17,9 +17,10 @@ INT8 and INT4 models.
 
 Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~2 h)
             .venv/bin/python benchmarks/quzo.py --quick          (smoke run, a few minutes)
-            issue 13's table (SST-2, 200 steps, ~2 h at one thread):
+            issue 13's table (SST-2, 200 steps; about 35 min of one core per run, quzo-fm twice that):
             OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 --fm-lr 1e-5 \
-            --lr-schedule linear --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32,fo-ste-int4,quzo-fm-int8
+            --lr-schedule linear --num-dev 100 --num-test 300 \
+            --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32
 Prints one JSON line.
 """
 
