@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zolm.adapters.serialize import adapter_meta
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir
@@ -119,13 +119,7 @@ def merged_lora_model(model):
 
 def is_lora_dir(path: str | Path) -> bool:
     """True when ``path`` is a peft LoRA adapter directory (``adapter_config.json`` with ``peft_type`` LORA)."""
-    cfg = Path(path) / "adapter_config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("peft_type") == "LORA"
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    return adapter_meta(path).get("peft_type") == "LORA"
 
 
 def save_lora_over_base(peft_model, path: str | Path, tokenizer=None) -> Path:

@@ -55,15 +55,21 @@ def _zolm_version() -> str:
         return "unknown"
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    """True when ``path`` is a directory written by :func:`save_adapters`."""
+def adapter_meta(path: str | Path) -> dict:
+    """The ``adapter_config.json`` of a folder (TT or peft), or {} when it has none or it is not a JSON object."""
     cfg = Path(path) / CONFIG_FILE
     if not cfg.is_file():
-        return False
+        return {}
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("adapter_type") == ADAPTER_TYPE
-    except (json.JSONDecodeError, AttributeError):
-        return False
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory written by :func:`save_adapters`."""
+    return adapter_meta(path).get("adapter_type") == ADAPTER_TYPE
 
 
 def read_adapter_config(path: str | Path) -> dict:

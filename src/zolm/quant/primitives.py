@@ -99,7 +99,7 @@ def float_to_codes(values: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torch.Tensor | None = None
              ) -> torch.Tensor:
     """Stored codes of ``w`` [out, in] under ``scale`` [out, groups]: round to nearest, or SR with ``noise``."""
-    x = (group_view(w.float(), fmt.group_size) / scale.unsqueeze(-1)).reshape(w.shape)
+    x = _unscaled(w, scale, fmt)
     if fmt.kind == "fp8":
         x = x.clamp(fmt.qmin, fmt.qmax)
         return float_to_codes(fp8_round(x, fmt.fp8, noise), fmt)
@@ -113,9 +113,17 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> tor
     weight; FP8 takes the codes' path). The forward of a fake-quantized weight (STE, QuZO's float masters)."""
     if fmt.kind == "fp8":
         return dequantize(quantize(w, scale, fmt), scale, fmt)
-    s = scale.unsqueeze(-1)
-    x = group_view(w.float(), fmt.group_size) / s
-    return (x.round_().clamp_(fmt.qmin, fmt.qmax) * s).reshape(w.shape)
+    return _rescaled(_unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax), scale, fmt)
+
+
+def _unscaled(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """w / s per group, float32 [out, in] (a new tensor)."""
+    return (group_view(w.float(), fmt.group_size) / scale.unsqueeze(-1)).reshape(w.shape)
+
+
+def _rescaled(q: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """s * q per group, float32 [out, in]: grid values back to weights."""
+    return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
 
 
 _LUTS: dict[str, torch.Tensor] = {}
@@ -152,8 +160,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> to
 
 def _dequantize_torch(codes: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """s * q in torch (one fused kernel per layer when compiled on CUDA: unpack, convert and scale)."""
-    q = codes_to_float(codes, fmt)
-    return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
+    return _rescaled(codes_to_float(codes, fmt), scale, fmt)
 
 
 def _fp8_step(bits: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import socket
 from pathlib import Path
 
 from zolm.errors import ZolmError
+from zolm.train.parts import TRAIN_KINDS  # a trainable set's sub-options are keyed by its kind
 from zolm.utils.io import recover_dir
 from zolm.utils.outputs import check_output
 
@@ -44,7 +45,7 @@ def comparable(config: dict) -> dict:
     out = {k: v for k, v in config.items() if k != "out"}
     train, base = out.get("train"), out.get("base")
     if isinstance(train, dict):
-        out["train"] = {k: v for k, v in train.items() if k not in ("lora", "tt", "mask") or k == train.get("kind")}
+        out["train"] = {k: v for k, v in train.items() if k not in TRAIN_KINDS or k == train.get("kind")}
     if isinstance(base, dict) and base.get("kind") == "float":
         out["base"] = {k: v for k, v in base.items() if k in QUANT_FREE}
     return out
