@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zolm.adapters.serialize import adapter_meta
 from zolm.errors import ZolmError
 from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir
@@ -115,6 +115,18 @@ def merged_lora_model(model):
     if getattr(merged.config, "zolm_quantization", None):
         to_dense(merged)  # the rest of the low-bit model (other layers, embedding) as float
     return merged
+
+
+def adapter_meta(path: str | Path) -> dict:
+    """The ``adapter_config.json`` of a folder (TT or peft), or {} when it has none or it is not a JSON object."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def is_lora_dir(path: str | Path) -> bool:

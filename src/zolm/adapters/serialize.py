@@ -32,6 +32,7 @@ from zolm.adapters.inject import (
     features,
     layer_device,
 )
+from zolm.adapters.lora import adapter_meta
 from zolm.adapters.tt import TTAdapter
 from zolm.blocks import is_linear
 from zolm.errors import ZolmError
@@ -53,18 +54,6 @@ def _zolm_version() -> str:
         return version("zolm")
     except PackageNotFoundError:
         return "unknown"
-
-
-def adapter_meta(path: str | Path) -> dict:
-    """The ``adapter_config.json`` of a folder (TT or peft), or {} when it has none or it is not a JSON object."""
-    cfg = Path(path) / CONFIG_FILE
-    if not cfg.is_file():
-        return {}
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def is_adapter_dir(path: str | Path) -> bool:
