@@ -1,8 +1,9 @@
 """Pruning SmolLM2-135M: WikiText-2 perplexity, zero-shot accuracy, wall time and peak memory of every method.
 
-Rows: dense, then magnitude, Wanda, SparseGPT, Wanda++ (RGS only) and Wanda++ (RGS + RO) at each setting (50%
-unstructured, 2:4, 4:8). Each row runs in its own subprocess (load, calibrate, reset the peak-RSS counter,
-prune, read the peak, evaluate), one after the other, so times and memory are comparable within the run.
+Rows: dense, then magnitude, Wanda, SparseGPT, Wanda++ (RGS only), Wanda++ (RGS + RO) and Wanda's score + RO
+(`wanda+ro`: Wanda++ with alpha 0) at each setting (50% unstructured, 2:4, 4:8). Each row runs in its own
+subprocess (load, calibrate, reset the peak-RSS counter, prune, read the peak, evaluate), one after the other, so
+times and memory are comparable within the run.
 
 Protocol (defaults; every value is in the output's "protocol"):
   * calibration: 64 sequences x 512 tokens from ../shared/data/c4 (snippets joined by blank lines, seed 0);
@@ -41,7 +42,7 @@ from _common import DATA, environment, peak_mib, reset_peak, run_worker  # noqa:
 SETTINGS = {"50%": {"sparsity": 0.5}, "2:4": {"nm": "2:4"}, "4:8": {"nm": "4:8"}}
 METHODS = {"magnitude": {"method": "magnitude"}, "wanda": {"method": "wanda"},
            "sparsegpt": {"method": "sparsegpt"}, "wanda++rgs": {"method": "wanda++", "ro_rounds": 0},
-           "wanda++": {"method": "wanda++"}}
+           "wanda++": {"method": "wanda++"}, "wanda+ro": {"method": "wanda++", "alpha": 0.0}}
 TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "rte")
 FULL = {"nsamples": 64, "seqlen": 512, "ro_rounds": 5, "ro_samples": 8, "ro_lr": 2e-4, "alpha": 100.0,
         "ro_stats": "steps", "ppl_seqlen": 512, "ppl_windows": 64, "zs_n": 200}
@@ -128,7 +129,7 @@ def summarize(table: list[dict]) -> dict:
         if wanda is None:
             continue
         s: dict = {}
-        for m in ("wanda++rgs", "wanda++", "sparsegpt", "magnitude"):
+        for m in ("wanda++rgs", "wanda++", "wanda+ro", "sparsegpt", "magnitude"):
             if (m, setting) in by:
                 r = by[(m, setting)]
                 s[f"{m}_ppl_vs_wanda"] = round(r["wikitext2_ppl"] / wanda["wikitext2_ppl"] - 1, 4)

@@ -21,6 +21,8 @@ Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 10
             OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 --fm-lr 1e-5 \
             --lr-schedule linear --num-dev 100 --num-test 300 \
             --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32
+            and its INT8 / first-order rows: the same with --fm-lr 2.5e-5 --runs quzo-fm-int8,fo-ste-int4
+            (quzo-fm's rate belongs to the grid: about MeZO's / (||d|| / ||eps u||) of benchmarks/quzo_fm_grid.py)
 Prints one JSON line.
 """
 
