@@ -28,6 +28,10 @@ PINNED = {"adazeta": {"tt_init": "reference"}, "fo-tt": {"tt_init": "reference"}
           "fo-ste": {"clip": "none", "embed_bits": None},
           "mazo": {"mazo_curvature": "fisher"}}  # MaZO's default importance is the activation curvature
 CHANGED_FILES = {"fo-ste": {"model/zolm-quantized.safetensors"}}  # now saved with the float embedding it trained
+# methods that train integer codes: on another CPU's kernels a last-bit change of one loss difference flips a few
+# rounding decisions, each moving sum |codes| by 1 (quzo 192, quant-mezo 272 of ~1.1M on an AVX-512 machine, 2e-4);
+# training at a tenth of the rate moves it by 2e4 (2%), so 1e-3 still tells the method's updates apart
+CODE_REL = {"quzo": 1e-3, "quant-mezo": 1e-3}
 
 
 def run(model_dir, data_dir, out, method, steps=3, **kw):
@@ -65,7 +69,7 @@ def test_presets_reproduce_the_weights_of_the_flat_config_era(tiny_llama_dir, da
     """tests/train/preset_reference.json was written by the pre-redesign code (commit 7b06c6e, one FinetuneConfig
     of ~70 flat fields and a class per method) on the same tiny model, data and seed. Where this machine's
     forward gives the reference's bits (the probe), every weight file must match bit for bit; elsewhere (another
-    CPU's kernels) the sums of |weights| must agree to 1e-6."""
+    CPU's kernels) the sums of |weights| must agree to 1e-6 (integer codes: 1e-3, CODE_REL)."""
     run(tiny_llama_dir, data_dir, tmp_path / method, method, lr=REF_LR[method], **PINNED.get(method, {}))
     got, want = digest(tmp_path / method), REFERENCE[method]
     assert set(want) <= set(got), sorted(set(want) - set(got))
@@ -76,7 +80,7 @@ def test_presets_reproduce_the_weights_of_the_flat_config_era(tiny_llama_dir, da
         if exact:
             assert got[name][0] == sha, f"{method} {name} differs from the pre-redesign weights"
         else:
-            assert got[name][1] == pytest.approx(total, rel=1e-6), name
+            assert got[name][1] == pytest.approx(total, rel=CODE_REL.get(method, 1e-6)), name
 
 
 @pytest.fixture(scope="module")
