@@ -129,7 +129,7 @@ def summarize(table: list[dict]) -> dict:
         if wanda is None:
             continue
         s: dict = {}
-        for m in ("wanda++rgs", "wanda++", "wanda+ro", "sparsegpt", "magnitude"):
+        for m in (m for m in METHODS if m != "wanda"):
             if (m, setting) in by:
                 r = by[(m, setting)]
                 s[f"{m}_ppl_vs_wanda"] = round(r["wikitext2_ppl"] / wanda["wikitext2_ppl"] - 1, 4)

@@ -26,6 +26,7 @@ from zolm.utils.io import atomic_dir
 from zolm.utils.sparse import PRUNED_THRESHOLD, pruned_mask, unpack_mask
 
 BASE_DIR = "base"  # where a LoRA directory keeps its (low-bit) base model
+CONFIG_FILE = "adapter_config.json"  # the folder config of peft LoRA and zolm TT adapters alike
 
 
 def quant_lora_class():
@@ -119,7 +120,7 @@ def merged_lora_model(model):
 
 def adapter_meta(path: str | Path) -> dict:
     """The ``adapter_config.json`` of a folder (TT or peft), or {} when it has none or it is not a JSON object."""
-    cfg = Path(path) / "adapter_config.json"
+    cfg = Path(path) / CONFIG_FILE
     if not cfg.is_file():
         return {}
     try:
@@ -175,7 +176,7 @@ def load_lora_model(path: str | Path, dtype: str | torch.dtype = "float32", base
 
     path = Path(path)
     if not is_lora_dir(path):
-        raise ZolmError(f"{path} is not a peft LoRA directory (no adapter_config.json with peft_type LORA)")
+        raise ZolmError(f"{path} is not a peft LoRA directory (no {CONFIG_FILE} with peft_type LORA)")
     config = LoraConfig.from_pretrained(str(path))
     base = base_model or (str(path / BASE_DIR) if (path / BASE_DIR / "config.json").is_file()
                           else config.base_model_name_or_path)

@@ -15,7 +15,6 @@ plain transformers model); with ReLU (AdaZeta's default) it cannot be folded, so
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from zolm.adapters.inject import (
     features,
     layer_device,
 )
-from zolm.adapters.lora import adapter_meta
+from zolm.adapters.lora import CONFIG_FILE, adapter_meta
 from zolm.adapters.tt import TTAdapter
 from zolm.blocks import is_linear
 from zolm.errors import ZolmError
@@ -40,7 +39,6 @@ from zolm.quant.linear import QuantLinear
 from zolm.utils.io import atomic_dir, atomic_write_json
 
 ADAPTER_TYPE = "zolm-tt"
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 PEFT_TYPE = ("ZOLM_TT (a zolm TT adapter, not a peft one: load it with zolm.adapters.load_model_with_adapters "
@@ -63,10 +61,11 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def read_adapter_config(path: str | Path) -> dict:
     """The JSON config of an adapter directory; ZolmError when ``path`` is not one."""
-    if not is_adapter_dir(path):
+    meta = adapter_meta(path)
+    if meta.get("adapter_type") != ADAPTER_TYPE:
         raise ZolmError(f"{path} is not a zolm TT adapter directory (no {CONFIG_FILE} with "
                         f"adapter_type={ADAPTER_TYPE!r})")
-    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    return meta
 
 
 def save_adapters(model: nn.Module, path: str | Path, base_model: str | None = None, tokenizer=None) -> Path:
