@@ -8,7 +8,9 @@ For each task it fine-tunes SmolLM2-135M with, in one run of this script:
                        perturbations, float updates (what QuZO's full-model runs do)
   quzo-lora-int4       QuZO on LoRA adapters (r 8, q/v) over the frozen INT4 codes (QuZO's LoRA runs)
   fo-ste-int4          first order, fake-quantized forward with a straight-through estimator, AdamW
-all with the same steps, batch, data and seed (INT4: groups of 32 columns; embeddings INT8). It reports the
+all with the same steps, batch, data and seed (INT4: groups of 32 columns; embeddings INT8); ``--jobs N`` trains N
+runs at a time, each in its own process on cores / N threads (a run is deterministic: the same figures as one
+after another, in less wall time; its train seconds then are not speeds). It reports the
 test accuracy of each before (zero-shot, on its own quantized model) and after training (best on dev), then,
 each in its own subprocess, the peak resident memory of three training steps of MeZO fp32, QuZO INT4, QuZO-FM
 INT4 and QuZO-LoRA INT4 (each on the model saved in INT4, as `zolm quantize` writes it, so that no float32 copy
@@ -18,7 +20,7 @@ INT8 and INT4 models.
 Reproduce:  .venv/bin/python benchmarks/quzo.py                  (sst2 + rte, 100 steps each, ~2 h)
             .venv/bin/python benchmarks/quzo.py --quick          (smoke run, a few minutes)
             issue 13's table (SST-2, 200 steps; about 35 min of one core per run, quzo-fm twice that):
-            OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quzo.py --tasks sst2 --steps 200 --lr 5e-5 --fm-lr 1e-5 \
+            .venv/bin/python benchmarks/quzo.py --jobs 2 --tasks sst2 --steps 200 --lr 5e-5 --fm-lr 1e-5 \
             --lr-schedule linear --num-dev 100 --num-test 300 \
             --runs quzo-fm-int4,quzo-lora-int4,quant-mezo-int4,mezo-fp32
             and its INT8 / first-order rows: the same with --fm-lr 2.5e-5 --runs quzo-fm-int8,fo-ste-int4
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,6 +75,40 @@ def train(task: str, name: str, steps: int, args, out: Path) -> dict:
     return {"before": r["before"][metric], "after": r["after"][metric], "best_dev": r["best_dev"][metric],
             "lr": lr, "lr_schedule": cfg.optim.lr_schedule, "train_s": r["train_time_s"],
             "wall_s": round(time.perf_counter() - t, 1)}
+
+
+TRAIN_ARGS = ("model", "batch_size", "lr", "fo_lr", "lora_lr", "fm_lr", "lr_schedule", "num_dev", "num_test")
+
+
+def train_worker(spec: str) -> dict:
+    """One training run in this process, from the JSON the parent wrote (``--jobs``)."""
+    job = json.loads(spec)
+    torch.set_num_threads(job["threads"])
+    return train(job["task"], job["name"], job["steps"], argparse.Namespace(**job["args"]), Path(job["out"]))
+
+
+def train_all(args, root: Path) -> dict:
+    """{task: {run: result}} for every task x run; ``args.jobs`` at a time, each in a subprocess when > 1."""
+    pairs = [(task, name) for task in args.tasks.split(",") for name in args.runs.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def one(pair: tuple[str, str]) -> dict:
+        task, name = pair
+        if args.jobs == 1:
+            r = train(task, name, args.steps, args, root / task / name)
+        else:
+            job = {"task": task, "name": name, "steps": args.steps, "out": str(root / task / name),
+                   "threads": threads, "args": {k: getattr(args, k) for k in TRAIN_ARGS}}
+            r = run_worker(__file__, "train", json.dumps(job), timeout=24 * 3600)
+        print(f"# {task} {name}: {r}", file=sys.stderr, flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, pairs))
+    table: dict = {}
+    for (task, name), r in zip(pairs, results):
+        table.setdefault(task, {})[name] = r
+    return table
 
 
 def memory_worker(name: str, model_name: str, batch: int) -> dict:
@@ -119,7 +157,7 @@ def weight_bytes(model_name: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", nargs=3, metavar=("RUN", "MODEL", "BATCH"))
+    ap.add_argument("--worker", nargs="+", help="internal: memory RUN MODEL BATCH | train JSON")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="sst2,rte")
     ap.add_argument("--steps", type=int, default=100)
@@ -137,22 +175,21 @@ def main() -> None:
     ap.add_argument("--num-test", type=int, default=500)
     ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma list of {','.join(RUNS)}")
     ap.add_argument("--out", default=None, help="keep the run directories here")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at a time, each in its own process")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     from zolm.train.config import FinetuneConfig
 
     if args.worker:
-        name, model, batch = args.worker
-        print(json.dumps(memory_worker(name, model, int(batch))))
+        kind, *rest = args.worker
+        print(json.dumps(train_worker(*rest) if kind == "train" else memory_worker(rest[0], rest[1], int(rest[2]))))
         return
     if args.quick:
         args.steps, args.num_dev, args.num_test, args.tasks = 4, 16, 32, "sst2"
     root = Path(args.out or tempfile.mkdtemp(prefix="zolm-quzo-"))
-    table = {}
-    for task in args.tasks.split(","):
-        for name in args.runs.split(","):
-            table.setdefault(task, {})[name] = train(task, name, args.steps, args, root / task / name)
-            print(f"# {task} {name}: {table[task][name]}", file=sys.stderr, flush=True)
+    table = train_all(args, root)
     with tempfile.TemporaryDirectory() as qdir:  # QuZO trains a model saved low-bit: no fp32 copy ever exists
         from zolm import models
         from zolm.quant import quantize_
@@ -161,13 +198,13 @@ def main() -> None:
         quantize_(model, FinetuneConfig.of(out="unused", method="quzo", bits=4).quant_config())
         models.save(model, tok, Path(qdir) / "int4")
         del model
-        memory = {name: run_worker(__file__, name, src, str(args.batch_size))
+        memory = {name: run_worker(__file__, "memory", name, src, str(args.batch_size))
                   for name, src in (("mezo-fp32", args.model), ("quzo-int4", str(Path(qdir) / "int4")),
                                     ("quzo-fm-int4", str(Path(qdir) / "int4")),
                                     ("quzo-lora-int4", str(Path(qdir) / "int4")), ("fo-ste-int4", args.model))}
     print(json.dumps({
         "benchmark": "quzo", "model": args.model, "steps": args.steps, "batch": args.batch_size,
-        "num_dev": args.num_dev, "num_test": args.num_test, "accuracy": table,
+        "num_dev": args.num_dev, "num_test": args.num_test, "jobs": args.jobs, "accuracy": table,
         "train_peak_mib": {k: round(v["peak_mib"]) for k, v in memory.items()},
         "fo_ste_over_quzo_int4_peak": round(memory["fo-ste-int4"]["peak_mib"] / memory["quzo-int4"]["peak_mib"], 3),
         "weights": weight_bytes(args.model), "torch_threads": torch.get_num_threads(), **environment()}))
