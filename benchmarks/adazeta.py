@@ -166,7 +166,9 @@ def alignment_worker(model_name: str, task: str, batch: int, max_q: int) -> dict
     """Cosine between the Q-query ZO estimate and the true gradient of the trained set, Q = 1, 2, 4, ...
 
     The mechanism AdaZeta relies on (papers.md 1.1, 9.2): a Q-query SPSA estimate's cosine with the gradient
-    is ~ sqrt(Q / d), so fewer trained coordinates d (TT adapters) and more queries Q align better.
+    is ~ sqrt(Q / d), so fewer trained coordinates d (TT adapters) and more queries Q align better. Also the
+    squared gradient norm ||g||^2 (a ZO step's expected first-order descent is lr ||g||^2) and how many
+    coordinates have a non-zero gradient at the start (an adapter with a zeroed factor has none in the others).
     """
     return {name: _alignment(model_name, name, task, batch, max_q) for name in ("adazeta", "mezo-lora", "mezo")}
 
@@ -210,7 +212,9 @@ def _alignment(model_name: str, method: str, task: str, batch: int, max_q: int) 
             enorm = torch.sqrt(sum((e.double() ** 2).sum() for e in est))
             cos[q + 1] = round(float(dot / (enorm * gnorm)), 5)
     d = params.numel()
-    return {"trainable": d, "cosine": cos, "sqrt_q_over_d": {q: round((q / d) ** 0.5, 5) for q in cos}}
+    live = sum(int((g != 0).sum()) for g in grads)  # coordinates the loss moves at the start (B = 0 / zeroed core)
+    return {"trainable": d, "grad_nonzero": live, "grad_norm_sq": float(gnorm**2), "cosine": cos,
+            "sqrt_q_over_d": {q: round((q / d) ** 0.5, 5) for q in cos}}
 
 
 def plot(results: dict, tasks: list[str], out: Path, what: str) -> None:

@@ -161,9 +161,10 @@ def wanda_pp_block_(block: nn.Module, layers: dict[str, nn.Module], inputs: Bloc
             entry: dict = {"round": k + 1}
             if log_errors:
                 entry["rel_error_before"] = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
-            step_stats = _stats(layers)
-            with record_inputs(layers, step_stats) if restats == "steps" and k + 1 < rounds \
-                    else contextlib.nullcontext():
+            record = restats == "steps" and k + 1 < rounds  # the next round re-prunes from these steps' inputs
+            if record:
+                step_stats = _stats(layers)
+            with record_inputs(layers, step_stats) if record else contextlib.nullcontext():
                 entry["rel_loss"] = optimize_round_(block, weights, work, dense_out, idx, optimizer)
             if log_errors:
                 entry["rel_error_after"] = forward_all(block, work, batch_size, reference=dense_out, indices=idx)
