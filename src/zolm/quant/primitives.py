@@ -113,7 +113,9 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> tor
     weight; FP8 takes the codes' path). The forward of a fake-quantized weight (STE, QuZO's float masters)."""
     if fmt.kind == "fp8":
         return dequantize(quantize(w, scale, fmt), scale, fmt)
-    return _rescaled(_unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax), scale, fmt)
+    q = _unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax)  # one new tensor, rescaled in place
+    group_view(q, fmt.group_size).mul_(scale.unsqueeze(-1))
+    return q
 
 
 def _unscaled(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

@@ -3,8 +3,8 @@
 * ``low-bit``: the model is quantized in place (INT8 / INT4 / FP8 codes, zolm.quant), or checked against the
   run's format when it already is; training then moves its codes (QuZO) or adapters over them.
 * ``fake-quant``: every linear weight becomes a float master (the run's dtype) behind a parametrization; the
-  forward sees its quantized value ``W + (Q(W) - W).detach()`` (round to nearest on the format's scales, clipped
-  for INT4), so backprop passes straight through (STE, ``fo-ste``) and ZO perturbs the master (QuZO's
+  forward sees its quantized value Q(W) (round to nearest on the format's scales, clipped
+  for INT4) and backprop passes straight through (STE, ``fo-ste``) and ZO perturbs the master (QuZO's
   float-master regime). The result is saved quantized, as trained.
 """
 
@@ -49,11 +49,25 @@ def _layout(d: dict) -> dict:
     return out
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward Q(W), backward the identity: the straight-through estimator without the two full-size
+    temporaries of ``W + (Q(W) - W).detach()`` (which gave the same values)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, quantizer: STEQuant) -> torch.Tensor:  # noqa: D102
+        return quantizer.quantized(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
 class STEQuant(nn.Module):
-    """W -> W + (Q(W) - W).detach(): the forward sees the quantized weight, gradients pass straight through.
+    """W -> Q(W) in the forward; gradients pass straight through (dQ/dW := I).
 
     ``scale`` None: the scales follow W (recomputed every forward, as STE training does); a tensor: fixed scales
-    (QuZO's float-master runs: the grid is set once, round to nearest onto it).
+    (QuZO's float-master runs: the grid is set once, round to nearest onto it). A ZO forward (no autograd) makes
+    one temporary the size of the weight, the quantized copy, which is freed after its layer.
     """
 
     def __init__(self, fmt, scale: torch.Tensor | None = None, transposed: bool = False):
@@ -61,13 +75,18 @@ class STEQuant(nn.Module):
         self.fmt, self.transposed = fmt, transposed  # transposed: a GPT-2 Conv1D weight, stored [in, out]
         self.register_buffer("scale", scale, persistent=False)
 
+    @torch.no_grad()
+    def quantized(self, w: torch.Tensor) -> torch.Tensor:
+        """Q(W) in W's dtype and layout."""
+        v = w.t() if self.transposed else w
+        scale = self.scale if self.scale is not None else compute_scales(v, self.fmt)
+        wq = fake_quantize(v, scale, self.fmt).to(w.dtype)
+        return wq.t().contiguous() if self.transposed else wq
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            v = w.t() if self.transposed else w
-            scale = self.scale if self.scale is not None else compute_scales(v, self.fmt)
-            wq = fake_quantize(v, scale, self.fmt).to(w.dtype)
-            wq = wq.t() if self.transposed else wq
-        return w + (wq - w).detach()
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _StraightThrough.apply(w, self)
+        return self.quantized(w)
 
 
 @torch.no_grad()
