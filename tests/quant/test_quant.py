@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,9 @@ def test_quantized_model_saves_and_loads_back(tiny_llama_dir, tmp_path, fmt):
         assert torch.equal(model(x).logits, loaded(x).logits)
     with pytest.raises(ZolmError, match="already quantized"):
         quantize_(copy.deepcopy(loaded), QuantConfig())
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the loaded tensors own their memory: nothing keeps the file mapped (resident)
+        assert str(tmp_path / "q") not in maps.read_text()
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

@@ -76,7 +76,10 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None, d
     with init_empty_weights(include_buffers=False):  # no float weights are allocated
         model = AutoModelForCausalLM.from_config(config)
     quantize_(model, QuantConfig.from_dict(settings), tied=tied)
-    state = load_file(str(path / WEIGHTS if (path / WEIGHTS).is_file() else path / "model.safetensors"))
+    # own memory, not views of the file's mapping: one view left alive (a norm weight) would keep the whole file
+    # resident for the model's life, e.g. beside the float masters of a float-master run (+90 MiB on SmolLM2)
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / "model.safetensors"
+    state = {k: v.clone() for k, v in load_file(str(weights)).items()}
     for key, value in state.items():  # optional buffers (pruning masks) exist only where they were saved
         if key.endswith(".sparsity_mask"):
             model.get_submodule(key.rsplit(".", 1)[0]).sparsity_mask = value
