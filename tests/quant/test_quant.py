@@ -14,6 +14,7 @@ from zolm.quant import QuantConfig, QuantFormat, QuantLinear, quantize_
 from zolm.quant.primitives import (
     compute_scales,
     dequantize,
+    fake_quantize,
     fp8_round,
     pack_int4,
     quantize,
@@ -115,6 +116,24 @@ def test_quantized_model_saves_and_loads_back(tiny_llama_dir, tmp_path, fmt):
     maps = Path("/proc/self/maps")
     if maps.exists():  # the loaded tensors own their memory: nothing keeps the file mapped (resident)
         assert str(tmp_path / "q") not in maps.read_text()
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f.kind == "int"], ids=lambda f: f.name)
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_native_fake_quantization_matches_torch_bitwise(monkeypatch, fmt, half_scales):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 128, generator=gen) * 0.05
+    scale = compute_scales(w, fmt)
+    scale = scale.half() if half_scales else scale
+    step = scale.float().repeat_interleave(fmt.group_size or 128, dim=1)
+    w[0, :64] = step[0, :64] * (torch.arange(64) - 31.5)  # exact halves: round half to even, and the clamp
+    w[1, 0], w[1, 1], w[1, 2] = float("nan"), float("inf"), -0.0
+    native_result = fake_quantize(w, scale, fmt)
+    monkeypatch.setenv("ZOLM_KERNEL", "torch")
+    torch_result = fake_quantize(w, scale, fmt)
+    assert torch.equal(native_result.nan_to_num(7.0), torch_result.nan_to_num(7.0))
+    assert torch.equal(native_result.isnan(), torch_result.isnan())
+    assert torch.equal(native_result.signbit(), torch_result.signbit())
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

@@ -110,9 +110,19 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, noise: torc
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Q(w) = s * clamp(round(w / s)) as float32 [out, in]: ``dequantize(quantize(w, scale, fmt), scale, fmt)``
     bit for bit, without making the stored codes (INT: one division, rounding, clamping and product per
-    weight; FP8 takes the codes' path). The forward of a fake-quantized weight (STE, QuZO's float masters)."""
+    weight, a native kernel on the CPU; FP8 takes the codes' path). The forward of a fake-quantized weight (STE,
+    QuZO's float masters)."""
     if fmt.kind == "fp8":
         return dequantize(quantize(w, scale, fmt), scale, fmt)
+    lib = native.lib()
+    if (lib is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+            and w.dim() == 2 and scale.numel() == group_view(w, fmt.group_size).shape[1] * w.shape[0]):
+        rows, cols = w.shape
+        s = scale.float().contiguous()  # fp16 scales: exact in float32, as the torch expression promotes them
+        out = torch.empty_like(w)
+        lib.zolm_fake_quant_f32(w.data_ptr(), s.data_ptr(), out.data_ptr(), rows, cols, fmt.group_size or cols,
+                                fmt.qmin, fmt.qmax, native.threads(rows * cols))
+        return out
     q = _unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax)  # one new tensor, rescaled in place
     group_view(q, fmt.group_size).mul_(scale.unsqueeze(-1))
     return q

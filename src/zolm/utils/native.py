@@ -41,6 +41,7 @@ SIGNATURES = {
                                        ctypes.c_int32, _ptr, _int],
     "zolm_dequant_lut8": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
     "zolm_dequant_int4": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
+    "zolm_fake_quant_f32": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32, _int],
 }
 
 
