@@ -123,9 +123,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> tor
         lib.zolm_fake_quant_f32(w.data_ptr(), s.data_ptr(), out.data_ptr(), rows, cols, fmt.group_size or cols,
                                 fmt.qmin, fmt.qmax, native.threads(rows * cols))
         return out
-    q = _unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax)  # one new tensor, rescaled in place
-    group_view(q, fmt.group_size).mul_(scale.unsqueeze(-1))
-    return q
+    return _rescaled(_unscaled(w, scale, fmt).round_().clamp_(fmt.qmin, fmt.qmax), scale, fmt)
 
 
 def _unscaled(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -134,8 +132,9 @@ def _unscaled(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.T
 
 
 def _rescaled(q: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """s * q per group, float32 [out, in]: grid values back to weights."""
-    return (group_view(q, fmt.group_size) * scale.unsqueeze(-1)).reshape(q.shape)
+    """s * q per group, float32 [out, in]: grid values back to weights, in place (every caller passes a tensor it
+    just made: no second weight-size temporary)."""
+    return group_view(q, fmt.group_size).mul_(scale.unsqueeze(-1)).reshape(q.shape)
 
 
 _LUTS: dict[str, torch.Tensor] = {}
