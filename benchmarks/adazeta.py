@@ -8,9 +8,9 @@ For each task and method it
      bit-identical to training) and evaluates validation loss (the training objective: cross-entropy over
      the candidates' mean option log-likelihoods) and accuracy there;
   3. reports steps / forward passes to reach a target validation loss: the lowest validation loss MeZO-LoRA
-     reaches within the budget (its curve minimum after step 0; the paper's comparison is against
-     MeZO-LoRA), trainable-parameter counts, and -- once, in subprocesses -- peak RSS of inference vs one
-     step of each method on a batch of the first task.
+     reaches within the budget (``to_target``: its curve minimum after step 0; the paper's comparison is
+     against MeZO-LoRA) and its final one (``to_final``), trainable-parameter counts, and -- once, in
+     subprocesses -- peak RSS of inference vs one step of each method on a batch of the first task.
 
 Scale (full): batch 16, 128 training examples (8 steps per epoch, so AdaZeta's schedule visibly grows
 within the budget), budget 4,096 example forwards per run (128 MeZO steps), 96 validation and 256 test
@@ -247,7 +247,7 @@ def plot(results: dict, tasks: list[str], out: Path, what: str) -> None:
     if what == "loss":
         axes[0][0].set_ylabel("training loss (moving avg)")
         axes[1][0].set_ylabel("validation loss")
-        target = [results[t]["mezo-lora"].get("target_val_loss") for t in tasks]
+        target = [results[t].get("mezo-lora", {}).get("target_val_loss") for t in tasks]
         for j, v in enumerate(target):
             if v is not None:
                 axes[1][j].axhline(v, color="tab:blue", ls=":", lw=0.8)
@@ -269,6 +269,8 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, metavar=("MODE", "MODEL", "TASK", "BATCH"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tasks", default="sst2,rte,wic")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS)} (without mezo-lora: no to_target / to_final)")
     ap.add_argument("--out", default="runs/adazeta")
     ap.add_argument("--quick", action="store_true", help="tiny budgets to check the pipeline (~10 min)")
     ap.add_argument("--budget", type=int, default=4096, help="example forward passes per run")
@@ -317,6 +319,9 @@ def main() -> None:
     from zolm.utils.io import read_jsonl
 
     tasks, out, t0 = args.tasks.split(","), Path(args.out), time.time()
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    if unknown := set(args.methods.split(",")) - set(METHODS):
+        raise SystemExit(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     tok = models.load_tokenizer(args.model)
     milestones = [round(args.budget * k / args.points) for k in range(args.points + 1)]
     results: dict = {}
@@ -325,7 +330,7 @@ def main() -> None:
         val = encode_all(tok, split.dev, 1024)
         cache: dict = {}
         results[task] = {}
-        for method in METHODS:
+        for method in methods:
             steps = steps_for_budget(args, task, method, len(split.train))
             run_dir = out / task / method
             first_of_family = FAMILY[method] not in {FAMILY[m] for m in results[task]}
@@ -342,13 +347,17 @@ def main() -> None:
                 "max_queries": max(queries), "acc_before": acc_before,
                 "acc_after": res["after"].get("accuracy"), "train_time_s": res["train_time_s"], "curve": curve,
                 "run_dir": str(run_dir)}
+        if "mezo-lora" not in results[task]:
+            continue
         lora = results[task]["mezo-lora"]["curve"]
         target = min(p["val_loss"] for p in lora[1:])
         drop = lora[0]["val_loss"] - target
-        results[task]["mezo-lora"].update(target_val_loss=target, target_drop=drop)
+        final = lora[-1]["val_loss"]
+        results[task]["mezo-lora"].update(target_val_loss=target, target_drop=drop, final_val_loss=final)
         for r in results[task].values():
             start = r["curve"][0]["val_loss"]
             r["to_target"] = _first(r["curve"], target)
+            r["to_final"] = _first(r["curve"][1:], final)
             r["to_target_drop"] = _first(r["curve"][1:], start - drop) if drop > 0 else None
     plot(results, tasks, out, "loss")
     plot(results, tasks, out, "accuracy")
@@ -361,9 +370,10 @@ def main() -> None:
     alignment = {} if args.no_alignment else run_worker(__file__, f"alignment:{args.max_q}", args.model, tasks[0],
                                                           str(args.batch))
     summary = {"benchmark": "adazeta", "model": args.model, "quick": args.quick,
-               "scale": {k: getattr(args, k) for k in SCALE_KEYS},
+               "scale": {k: getattr(args, k) for k in SCALE_KEYS}, "seed": args.seed, "methods": methods,
                "target": "to_target: first point with validation loss <= the lowest MeZO-LoRA reaches within the "
-                         "budget (after step 0); to_target_drop: first point whose loss is below the method's own "
+                         "budget (after step 0); to_final: first point after step 0 with validation loss <= "
+                         "MeZO-LoRA's final one; to_target_drop: first point whose loss is below the method's own "
                          "start by at least MeZO-LoRA's largest drop (fair when inits differ)",
                "results": {t: {m: {k: v for k, v in r.items() if k != "run_dir"} for m, r in rs.items()}
                            for t, rs in results.items()},
