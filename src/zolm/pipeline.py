@@ -118,11 +118,20 @@ class Recipe:
 
 
 def quant_options(opts: dict, where: str):
-    """The quantize stage's options as a low-bit BaseWeights (types and keys checked)."""
+    """The quantize stage's options as a low-bit BaseWeights (types and keys checked; the calibration-data keys,
+    used by clip act, are the stage's own)."""
     from zolm.train.parts import BaseWeights
-    from zolm.utils.configs import build
+    from zolm.utils.configs import build, check_value
 
-    return build(BaseWeights, {"kind": "low-bit", **opts}, where)
+    for key, kind in (("nsamples", int), ("seqlen", int), ("seed", int), ("calib", str)):
+        if key in opts:
+            check_value(opts[key], kind, f"{where}: {key}")
+    base = build(BaseWeights, {"kind": "low-bit", **{k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS}},
+                 where)
+    if base.clip != "act" and any(k in opts for k in PRUNE_DATA_KEYS):
+        raise ZolmError(f"{where}: calibration keys ({', '.join(k for k in PRUNE_DATA_KEYS if k in opts)}) only "
+                        "apply with clip: act")
+    return base
 
 
 def _prune_config(opts: dict, where: str = "prune stage"):
@@ -228,7 +237,15 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         from zolm.quant.linear import quantize_
         qc = quant_options(opts, "quantize stage").quant_config()
         model, tok = _load_plain(src)
-        quantize_(model, qc)
+        importance = None
+        if qc.weight.clip == "act":
+            from zolm.data.calibration import calibration_ids
+            from zolm.quant.calibrate import input_importance
+
+            importance = input_importance(model, calibration_ids(
+                tok, opts.get("calib", "c4"), recipe.data_dir, opts.get("nsamples", 32), opts.get("seqlen", 256),
+                opts.get("seed", 0)))
+        quantize_(model, qc, importance=importance)
         models.save(model, tok, sdir / "model")
         return str(sdir / "model"), {"format": qc.weight.name}
     if kind == "finetune":

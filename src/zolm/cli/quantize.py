@@ -20,9 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-bits", type=int, default=8, help="embedding bits (4 or 8); 0 keeps it float")
     p.add_argument("--fp16-scales", choices=("auto", "on", "off"), default="auto",
                    help="round scales to float16 so GGUF Q4_0/Q8_0 exports are exact (auto: on for int groups of 32)")
-    p.add_argument("--clip", choices=("auto", "mse", "none"), default="auto",
-                   help="scale search: mse clips each group's range to minimise its error, none is absmax "
-                        "(auto: mse for int4)")
+    p.add_argument("--clip", choices=("auto", "mse", "act", "none"), default="auto",
+                   help="scale search: mse clips each group's range to minimise its error, act to minimise the "
+                        "error weighted by each input's mean square on calibration text (llama.cpp's imatrix), "
+                        "none is absmax (auto: mse for int4)")
+    p.add_argument("--calib-data", default=None,
+                   help="clip act: calibration text (c4, wikitext2, or a .jsonl / .txt path; default c4)")
+    p.add_argument("--data-dir", default=None,
+                   help="clip act: folder holding c4/ and wikitext2/ (e.g. ../shared/data)")
+    p.add_argument("--nsamples", type=int, default=None, help="clip act: calibration sequences (default 32)")
+    p.add_argument("--seqlen", type=int, default=None, help="clip act: tokens per calibration sequence (default 256)")
     p.add_argument("--act-bits", type=int, default=None, help="also fake-quantize layer inputs (4 or 8)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace what is at --out (default: refuse)")
@@ -40,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
                        act_bits=args.act_bits, fp16_scales={"auto": None, "on": True, "off": False}[args.fp16_scales],
                        clip=None if args.clip == "auto" else args.clip)
     qc = base.quant_config()
+    calib = {"--calib-data": args.calib_data, "--data-dir": args.data_dir, "--nsamples": args.nsamples,
+             "--seqlen": args.seqlen}
+    if qc.weight.clip != "act" and any(v is not None for v in calib.values()):
+        from zolm.errors import ZolmError
+
+        raise ZolmError(f"{', '.join(k for k, v in calib.items() if v is not None)}: calibration options apply "
+                        "only with --clip act")
     from zolm.utils.outputs import check_output
 
     check_output(args.out, overwrite=args.overwrite, inputs=[args.model])
@@ -48,7 +62,14 @@ def run(args: argparse.Namespace) -> int:
 
     model, tok = models.load(args.model)
     before = _bytes(model)
-    quantize_(model, qc)
+    importance = None
+    if qc.weight.clip == "act":
+        from zolm.data.calibration import calibration_ids
+        from zolm.quant.calibrate import input_importance
+
+        importance = input_importance(model, calibration_ids(tok, args.calib_data or "c4", args.data_dir,
+                                                             args.nsamples or 32, args.seqlen or 256))
+    quantize_(model, qc, importance=importance)
     after = _bytes(model)
     models.save(model, tok, args.out)
     print(json.dumps({"model": args.model, "format": qc.weight.name, "embed_bits": qc.embed_bits,

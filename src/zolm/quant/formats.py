@@ -19,7 +19,7 @@ from zolm.errors import ZolmError
 
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 INT_BITS = (4, 8)
-CLIPS = ("mse", "none")
+CLIPS = ("mse", "act", "none")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class QuantFormat:
     fp8: str = "e4m3"
     group_size: int | None = None
     fp16_scales: bool | None = None  # None: on for int with group_size 32 (GGUF Q4_0 / Q8_0 blocks), else off
-    clip: str | None = None  # scale search: "mse" (clip each group's range to minimise its error) or "none"
-    # (absmax); None: "mse" for int4, "none" otherwise (zolm.quant.primitives.compute_scales)
+    clip: str | None = None  # scale search: "mse" (clip each group's range to minimise its error), "act" (the
+    # same search on the error weighted by calibration activations) or "none" (absmax); None: "mse" for int4,
+    # "none" otherwise (zolm.quant.primitives.compute_scales)
 
     def __post_init__(self) -> None:
         if self.fp16_scales is None:
@@ -41,6 +42,8 @@ class QuantFormat:
             object.__setattr__(self, "clip", "mse" if self.kind == "int" and self.bits == 4 else "none")
         if self.clip not in CLIPS:
             raise ZolmError(f"unknown clip {self.clip!r}; valid: {', '.join(CLIPS)}")
+        if self.clip == "act" and self.kind != "int":
+            raise ZolmError("clip act searches integer grids; fp8 takes clip none")
         if self.kind not in ("int", "fp8"):
             raise ZolmError(f"unknown number format {self.kind!r}; valid: int, fp8")
         if self.kind == "int" and self.bits not in INT_BITS:

@@ -50,13 +50,14 @@ class QuantLinear(nn.Module):
         self.weight_hook: Callable[[QuantLinear], torch.Tensor | None] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, fmt: QuantFormat, act_bits: int | None = None) -> QuantLinear:
-        """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is stored ``[in, out]``) with absmax scales and
-        round-to-nearest codes."""
+    def from_linear(cls, linear: nn.Module, fmt: QuantFormat, act_bits: int | None = None,
+                    importance: torch.Tensor | None = None) -> QuantLinear:
+        """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is stored ``[in, out]``): scales from
+        :func:`compute_scales` (``importance``: its input's mean squares, for clip act), round-to-nearest codes."""
         w = out_in(linear).detach().contiguous()  # [out, in] for both
         group_view(w, fmt.group_size)  # validates the group size against this layer
         q = cls(w.shape[1], w.shape[0], fmt, linear.bias is not None, act_bits, w.device)
-        q.scale.copy_(compute_scales(w, fmt))
+        q.scale.copy_(compute_scales(w, fmt, importance))
         q.qweight.copy_(quantize(w, q.scale, fmt))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach().float())
@@ -147,13 +148,15 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None, tied: bool | None = None) -> nn.Module:
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, tied: bool | None = None,
+              importance: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Replace, in place, every nn.Linear and GPT-2 Conv1D (but ``config.skip`` names) with a QuantLinear, and the
     token embedding (with a tied LM head) with QuantEmbedding when ``config.embed_bits`` is set.
 
     ``filter_fn(module, name)`` narrows the linear layers further; ``tied`` says whether the LM head shares
-    the embedding (default: detected). The model keeps its transformers class; ``model.config.zolm_quantization``
-    records the configuration (saved in config.json).
+    the embedding (default: detected); ``importance`` maps layer names to their inputs' mean squares
+    (zolm.quant.calibrate.input_importance), which clip act needs. The model keeps its transformers class;
+    ``model.config.zolm_quantization`` records the configuration (saved in config.json).
     """
     if getattr(model.config, "zolm_quantization", None):
         raise ZolmError("the model is already quantized")
@@ -166,8 +169,13 @@ def quantize_(model: nn.Module, config: QuantConfig,
                and not any(s in n for s in skip) and (filter_fn is None or filter_fn(m, n))]
     if not targets:
         raise ZolmError("no linear layer to quantize")
+    if config.weight.clip == "act" and importance is not None:
+        missing = [n for n, _ in targets if n not in importance]
+        if missing:
+            raise ZolmError(f"no calibration importance for {len(missing)} layer(s), e.g. {missing[0]}")
     for name, lin in targets:
-        _set_module(model, name, QuantLinear.from_linear(lin, config.weight, config.act_bits))
+        imp = None if importance is None else importance.get(name)
+        _set_module(model, name, QuantLinear.from_linear(lin, config.weight, config.act_bits, imp))
     if config.embed_bits is not None:
         qemb = QuantEmbedding.from_embedding(emb, config.embed_bits, bool(config.embed_fp16_scales))
         model.set_input_embeddings(qemb)

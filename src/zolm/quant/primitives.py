@@ -36,21 +36,35 @@ def _scales(amax: torch.Tensor, fmt: QuantFormat, ratio: float = 1.0) -> torch.T
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def compute_scales(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def compute_scales(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Scales [out, groups] (float32); all-zero groups get scale 1 so codes stay 0.
 
     ``fmt.clip == "none"``: absmax, s = max|w| / qmax. ``"mse"`` (INT only; the default for INT4): per group, the
     clipping ratio r in CLIP_RATIOS whose scale r max|w| / qmax minimises sum (w - s clamp(round(w / s)))^2 (the
-    grid search of AWQ / llama.cpp's quantizers on the weight error; r = 1 is absmax, kept on ties). With
-    ``fmt.fp16_scales`` each scale is rounded to float16 (kept in float32) before its codes: GGUF's block scale.
+    grid search of AWQ / llama.cpp's quantizers on the weight error; r = 1 is absmax, kept on ties). ``"act"``:
+    the same search on sum_j h_j (w_j - q_j)^2 with ``importance`` h_j = mean x_j^2, the input's mean square on
+    calibration data ([in]; zolm.quant.calibrate.input_importance): the diagonal of the layer's output error
+    E||x (w - q)||^2, llama.cpp's importance-matrix ("imatrix") weighting. With ``fmt.fp16_scales`` each scale
+    is rounded to float16 (kept in float32) before its codes: GGUF's block scale.
     """
     g = group_view(w.detach().float(), fmt.group_size)
     amax = g.abs().amax(-1)
     best = _scales(amax, fmt)
-    if fmt.kind != "int" or fmt.clip != "mse":
+    if fmt.kind != "int" or fmt.clip not in ("mse", "act"):
         return best
-    def err(s: torch.Tensor) -> torch.Tensor:  # noqa: E306
-        return ((g / s.unsqueeze(-1)).round().clamp(fmt.qmin, fmt.qmax) * s.unsqueeze(-1) - g).pow(2).sum(-1)
+    weight = None
+    if fmt.clip == "act":
+        if importance is None:
+            raise ZolmError("clip act weighs rounding errors by calibration activations: quantize with "
+                            "`zolm quantize --clip act` (or a recipe's quantize stage with clip: act) and use the "
+                            "saved model")
+        if importance.shape != (w.shape[1],):
+            raise ZolmError(f"importance has shape {tuple(importance.shape)}; the layer has {w.shape[1]} inputs")
+        weight = group_view(importance.detach().float().to(g.device).view(1, -1), fmt.group_size)
+
+    def err(s: torch.Tensor) -> torch.Tensor:
+        e = ((g / s.unsqueeze(-1)).round().clamp(fmt.qmin, fmt.qmax) * s.unsqueeze(-1) - g).pow(2)
+        return (e if weight is None else e * weight).sum(-1)
     best_err = err(best)
     for r in CLIP_RATIOS[1:]:
         s = _scales(amax, fmt, r)

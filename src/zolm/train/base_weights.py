@@ -159,6 +159,10 @@ def bake_fake_quant_(model, config: FinetuneConfig):
 
 def prepare_base_(model, config: FinetuneConfig) -> None:
     """Turn the loaded model into the run's base weights, in place."""
+    if config.base.kind != "float" and config.base.clip == "act" and not getattr(model.config, "zolm_quantization",
+                                                                                 None):
+        raise ZolmError("clip act needs calibration activations, which fine-tuning does not collect: quantize with "
+                        "`zolm quantize --clip act` first and fine-tune the saved model")
     if config.base.kind == "low-bit":
         ensure_quantized(model, config)
     elif config.base.kind == "fake-quant":

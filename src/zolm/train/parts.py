@@ -62,8 +62,9 @@ class BaseWeights:
                                       "int with groups of 32)")
     act_bits: int | None = option(None, "quantized base: fake-quantize layer inputs to this many bits")
     clip: str | None = option(None, "quantized base: scale search, mse (clip each group's range to minimise its "
-                              "error) or none (absmax); default mse for int4, none otherwise",
-                              choices=("mse", "none"))
+                              "error), act (the error weighted by calibration activations: zolm quantize and "
+                              "recipes) or none (absmax); default mse for int4, none otherwise",
+                              choices=("mse", "act", "none"))
     fake_scales: str = option("dynamic", "fake-quant base: scales follow the masters every forward (dynamic, STE's "
                               "usual) or are fixed at the start (fixed: QuZO's float-master runs)",
                               choices=("dynamic", "fixed"))
