@@ -239,12 +239,10 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         model, tok = _load_plain(src)
         importance = None
         if qc.weight.clip == "act":
-            from zolm.data.calibration import calibration_ids
-            from zolm.quant.calibrate import input_importance
+            from zolm.quant.calibrate import calibrated_importance
 
-            importance = input_importance(model, calibration_ids(
-                tok, opts.get("calib", "c4"), recipe.data_dir, opts.get("nsamples", 32), opts.get("seqlen", 256),
-                opts.get("seed", 0)))
+            importance = calibrated_importance(model, tok, opts.get("calib", "c4"), recipe.data_dir,
+                                               opts.get("nsamples", 32), opts.get("seqlen", 256), opts.get("seed", 0))
         quantize_(model, qc, importance=importance)
         models.save(model, tok, sdir / "model")
         return str(sdir / "model"), {"format": qc.weight.name}

@@ -50,6 +50,19 @@ def test_act_search_minimises_the_weighted_error_over_every_ratio_and_beats_mse_
     assert not torch.equal(s_act, s_mse)
 
 
+def test_act_search_per_output_channel():
+    """group_size None: one scale per row, the importance spans the whole row."""
+    w = _heavy((16, 64), 3)
+    h = torch.linspace(0.01, 50.0, 64)
+    act = QuantFormat("int", 8, clip="act")
+    s = compute_scales(w, act, h)
+    assert s.shape == (16, 1)
+    e = _weighted_err(w, h, act, s)
+    amax = w.abs().amax(-1, keepdim=True)
+    for r in CLIP_RATIOS:
+        assert bool((e <= _weighted_err(w, h, act, amax * r / act.qmax) + 1e-9).all())
+
+
 def test_act_needs_importance_of_the_layer_width_and_an_int_grid():
     fmt = QuantFormat("int", 4, group_size=32, clip="act")
     with pytest.raises(ZolmError, match="zolm quantize --clip act"):
@@ -79,19 +92,101 @@ def test_input_importance_is_each_linear_inputs_mean_square(tiny_llama_dir):
         input_importance(model, ids[0])
 
 
-def test_quantize_with_act_clip_uses_each_layers_importance(tiny_llama_dir):
-    model, _ = models.load(tiny_llama_dir)
+def _act_model(model_dir: str, qc: QuantConfig, importance=None):
+    model, tok = models.load(model_dir)
     ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
-    imp = input_importance(model, ids)
-    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    qc = QuantConfig(weight=QuantFormat("int", 4, group_size=16, clip="act"), embed_bits=8)
-    with pytest.raises(ZolmError, match="no calibration importance for"):
-        quantize_(models.load(tiny_llama_dir)[0], qc, importance={})
+    imp = input_importance(model, ids) if importance is None else importance
+    dense = {n: (m.weight.detach().t() if type(m).__name__ == "Conv1D" else m.weight.detach()).clone()
+             for n, m in model.named_modules() if n in imp}
     quantize_(model, qc, importance=imp)
+    return model, tok, imp, dense, ids
+
+
+ACT4 = QuantConfig(weight=QuantFormat("int", 4, group_size=16, clip="act"), embed_bits=8)
+
+
+def test_quantize_with_act_clip_scales_each_layer_on_its_own_importance(tiny_llama_dir):
+    """Each layer's scales are the weighted search on that layer's importance (not a neighbour's, not mse's)."""
+    model, _, imp, dense, _ = _act_model(tiny_llama_dir, ACT4)
+    mse = QuantFormat("int", 4, group_size=16, clip="mse")
+    differs = 0
     for n, q in model.named_modules():
         if isinstance(q, QuantLinear):
-            assert torch.equal(q.scale, compute_scales(dense[n], qc.weight, imp[n])), n
-    assert model.config.zolm_quantization["weight"]["clip"] == "act"
+            assert torch.equal(q.scale, compute_scales(dense[n], ACT4.weight, imp[n])), n
+            differs += not torch.equal(q.scale, compute_scales(dense[n], mse))
+    assert differs > 0 and model.config.zolm_quantization["weight"]["clip"] == "act"
+    with pytest.raises(ZolmError, match="clip act needs calibration importance"):
+        quantize_(models.load(tiny_llama_dir)[0], ACT4)
+
+
+def test_layers_without_calibration_input_fall_back_to_the_mse_search(tiny_llama_dir, caplog):
+    model, _ = models.load(tiny_llama_dir)
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    imp = input_importance(model, ids)
+    name = "model.layers.0.mlp.up_proj"
+    w = model.get_submodule(name).weight.detach().clone()
+    del imp[name]
+    quantize_(model, ACT4, importance=imp)
+    assert torch.equal(model.get_submodule(name).scale,
+                       compute_scales(w, QuantFormat("int", 4, group_size=16, clip="mse")))
+    assert "1 layer(s) saw no calibration input" in caplog.text
+
+
+def test_gpt2_conv1d_importance_follows_the_input_features(tokenizer, tmp_path):
+    """GPT-2's Conv1D stores W as [in, out]; its importance has one entry per input feature, in order."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                     bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    model, _, imp, dense, _ = _act_model(str(tmp_path / "gpt2"), ACT4)
+    fc = "transformer.h.0.mlp.c_proj"  # Conv1D [in 128, out 32]
+    assert imp[fc].shape == (128,) and dense[fc].shape == (32, 128)
+    assert torch.equal(model.get_submodule(fc).scale, compute_scales(dense[fc], ACT4.weight, imp[fc]))
+
+
+def test_an_act_model_round_trips_through_save_and_compressed_tensors(tiny_llama_dir, tmp_path):
+    """Loading never re-runs the scale search (it would need calibration): saved codes and scales come back
+    exactly, in zolm's folder and in a compressed-tensors export."""
+    model, tok, _, _, ids = _act_model(tiny_llama_dir, ACT4)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    models.save(model, tok, tmp_path / "zolm")
+    back, _ = models.load(str(tmp_path / "zolm"))
+    want = {n: (m.qweight, m.scale) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for n, m in back.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.qweight, want[n][0]) and torch.equal(m.scale, want[n][1]), n
+            assert m.fmt.clip == "act"
+    assert back.config.zolm_quantization == model.config.zolm_quantization
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, ref)
+    pytest.importorskip("compressed_tensors")
+    assert main(["export", "--model", str(tmp_path / "zolm"), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct")]) == 0
+    ct, _ = models.load(str(tmp_path / "ct"))
+    with torch.no_grad():
+        assert torch.allclose(ct(input_ids=ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_float_master_run_over_an_act_model_saves_on_its_grid(tiny_llama_dir, data_dir, tmp_path):
+    """quzo-fm over a saved clip-act model rounds onto that model's scales and saves on them (no search)."""
+    from zolm.train.config import FinetuneConfig
+    from zolm.train.loop import finetune
+
+    model, tok, _, _, _ = _act_model(tiny_llama_dir, ACT4)
+    models.save(model, tok, tmp_path / "int4")
+    scales = {n: m.scale.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    cfg = FinetuneConfig.of(out=str(tmp_path / "run"), model=str(tmp_path / "int4"), task="sst2", data_dir=data_dir,
+                            method="quzo-fm", group_size=16, clip="act", steps=2, batch_size=2, num_train=4,
+                            num_dev=0, num_test=2, eval_every=0, eval_before=False, lr=1e-2)
+    finetune(cfg, overwrite=True)
+    saved, _ = models.load(str(tmp_path / "run" / "model"))
+    for n, m in saved.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.scale, scales[n]), n
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +207,12 @@ def test_quantize_command_with_act_clip_saves_a_model_that_loads(capsys, tiny_ll
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert main(["quantize", "--model", tiny_llama_dir, "--clip", "act", "--out", str(tmp_path / "x")]) == 2
     assert "calibration data 'c4' needs a data directory" in capsys.readouterr().err
+    assert main(["quantize", "--model", tiny_llama_dir, "--clip", "act", "--data-dir", str(calib_dir), "--nsamples",
+                 "1", "--seqlen", "4096", "--out", str(tmp_path / "y")]) == 2
+    assert "calibration seqlen 4096 is longer than the model's 256 positions" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(out), "--clip", "act", "--data-dir", str(calib_dir), "--out",
+                 str(tmp_path / "z")]) == 2
+    assert "already quantized" in capsys.readouterr().err
 
 
 def test_finetune_refuses_act_clip_on_a_float_model(tiny_llama_dir, data_dir, tmp_path):

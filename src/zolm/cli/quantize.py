@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
                         "only with --clip act")
     from zolm.utils.outputs import check_output
 
-    check_output(args.out, overwrite=args.overwrite, inputs=[args.model])
+    if qc.weight.clip == "act":  # a missing calibration file fails before the model loads
+        from zolm.data.calibration import calibration_source
+
+        calibration_source(args.calib_data or "c4", args.data_dir)
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.data_dir])
     from zolm import models
     from zolm.quant.linear import quantize_
 
@@ -64,11 +68,10 @@ def run(args: argparse.Namespace) -> int:
     before = _bytes(model)
     importance = None
     if qc.weight.clip == "act":
-        from zolm.data.calibration import calibration_ids
-        from zolm.quant.calibrate import input_importance
+        from zolm.quant.calibrate import calibrated_importance
 
-        importance = input_importance(model, calibration_ids(tok, args.calib_data or "c4", args.data_dir,
-                                                             args.nsamples or 32, args.seqlen or 256))
+        importance = calibrated_importance(model, tok, args.calib_data or "c4", args.data_dir, args.nsamples or 32,
+                                           args.seqlen or 256)
     quantize_(model, qc, importance=importance)
     after = _bytes(model)
     models.save(model, tok, args.out)

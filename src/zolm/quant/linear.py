@@ -8,6 +8,7 @@ without ever writing the perturbation into the codes (QuZO's perturbations are f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,10 @@ from zolm.blocks import is_linear, out_in
 from zolm.errors import ZolmError
 from zolm.quant.formats import QuantConfig, QuantFormat
 from zolm.quant.primitives import compute_scales, dequantize, group_view, quantize
+from zolm.utils.log import get_logger
 from zolm.utils.sparse import pack_mask, pruned_mask
+
+log = get_logger(__name__)
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,13 +55,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: QuantFormat, act_bits: int | None = None,
-                    importance: torch.Tensor | None = None) -> QuantLinear:
+                    importance: torch.Tensor | None = None, search: bool = True) -> QuantLinear:
         """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is stored ``[in, out]``): scales from
-        :func:`compute_scales` (``importance``: its input's mean squares, for clip act), round-to-nearest codes."""
+        :func:`compute_scales` (``importance``: its input's mean squares, for clip act), round-to-nearest codes.
+        ``search=False``: absmax scales whatever ``fmt.clip`` says (a skeleton whose scales are loaded or set next)."""
         w = out_in(linear).detach().contiguous()  # [out, in] for both
         group_view(w, fmt.group_size)  # validates the group size against this layer
         q = cls(w.shape[1], w.shape[0], fmt, linear.bias is not None, act_bits, w.device)
-        q.scale.copy_(compute_scales(w, fmt, importance))
+        q.scale.copy_(compute_scales(w, fmt if search else dataclasses.replace(fmt, clip="none"), importance))
         q.qweight.copy_(quantize(w, q.scale, fmt))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach().float())
@@ -149,13 +154,15 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, tied: bool | None = None,
-              importance: dict[str, torch.Tensor] | None = None) -> nn.Module:
+              importance: dict[str, torch.Tensor] | None = None, search: bool = True) -> nn.Module:
     """Replace, in place, every nn.Linear and GPT-2 Conv1D (but ``config.skip`` names) with a QuantLinear, and the
     token embedding (with a tied LM head) with QuantEmbedding when ``config.embed_bits`` is set.
 
     ``filter_fn(module, name)`` narrows the linear layers further; ``tied`` says whether the LM head shares
     the embedding (default: detected); ``importance`` maps layer names to their inputs' mean squares
-    (zolm.quant.calibrate.input_importance), which clip act needs. The model keeps its transformers class;
+    (zolm.quant.calibrate.input_importance), which clip act needs; ``search=False`` builds a skeleton whose
+    scales and codes are loaded or set next (absmax, no scale search; the record keeps ``config``'s clip).
+    The model keeps its transformers class;
     ``model.config.zolm_quantization`` records the configuration (saved in config.json).
     """
     if getattr(model.config, "zolm_quantization", None):
@@ -169,13 +176,17 @@ def quantize_(model: nn.Module, config: QuantConfig,
                and not any(s in n for s in skip) and (filter_fn is None or filter_fn(m, n))]
     if not targets:
         raise ZolmError("no linear layer to quantize")
-    if config.weight.clip == "act" and importance is not None:
-        missing = [n for n, _ in targets if n not in importance]
-        if missing:
-            raise ZolmError(f"no calibration importance for {len(missing)} layer(s), e.g. {missing[0]}")
+    act = search and config.weight.clip == "act"
+    if act and importance is None:
+        raise ZolmError("clip act needs calibration importance (zolm.quant.calibrate.calibrated_importance)")
+    unseen = [n for n, _ in targets if act and n not in importance]
+    if unseen:  # e.g. experts no calibration token reached: their error has no weights, so the unweighted search
+        log.warning("clip act: %d layer(s) saw no calibration input (e.g. %s); they use clip mse", len(unseen),
+                    unseen[0])
     for name, lin in targets:
+        fmt = dataclasses.replace(config.weight, clip="mse") if name in unseen else config.weight
         imp = None if importance is None else importance.get(name)
-        _set_module(model, name, QuantLinear.from_linear(lin, config.weight, config.act_bits, imp))
+        _set_module(model, name, QuantLinear.from_linear(lin, fmt, config.act_bits, imp, search))
     if config.embed_bits is not None:
         qemb = QuantEmbedding.from_embedding(emb, config.embed_bits, bool(config.embed_fp16_scales))
         model.set_input_embeddings(qemb)

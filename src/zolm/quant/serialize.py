@@ -12,7 +12,6 @@ with model.safetensors and the real model_type, load too). ``zolm export --forma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -76,10 +75,8 @@ def load_quantized(path: str | Path, device: torch.device | str | None = None, d
     tied = settings.pop("tied_head", False)
     with init_empty_weights(include_buffers=False):  # no float weights are allocated
         model = AutoModelForCausalLM.from_config(config)
-    qc = QuantConfig.from_dict(settings)
-    # the skeleton's scales are overwritten by the saved ones: no scale search (clip act would need calibration)
-    quantize_(model, dataclasses.replace(qc, weight=dataclasses.replace(qc.weight, clip="none")), tied=tied)
-    model.config.zolm_quantization = {**qc.to_dict(), "tied_head": model.config.zolm_quantization["tied_head"]}
+    # a skeleton: the saved scales replace its own (no scale search: clip act would need calibration data)
+    quantize_(model, QuantConfig.from_dict(settings), tied=tied, search=False)
     # own memory, not views of the file's mapping: one view left alive (a norm weight) would keep the whole file
     # resident for the model's life, e.g. beside the float masters of a float-master run (+90 MiB on SmolLM2)
     weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / "model.safetensors"

@@ -147,7 +147,7 @@ def bake_fake_quant_(model, config: FinetuneConfig):
             if scale is not None:
                 view = out_in(mod) if is_linear(mod) else mod.weight
                 fixed[name], masters[name] = scale, view.detach().clone()
-    quantize_(model, config.base.quant_config())
+    quantize_(model, config.base.quant_config(), search=not fixed)  # fixed: every scale is set below
     for name, scale in fixed.items():
         q = model.get_submodule(name)
         if name != emb_name and not isinstance(q, QuantLinear):
