@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, environment, peak_mib, reset_peak, run_worker  # noqa: E402
 
 METHODS = ("mezo", "mezo-lora", "adazeta-fixed", "adazeta")
-SCALE_KEYS = ("budget", "batch", "num_train", "num_val", "num_test", "points", "lr_mezo", "lr_lora", "eps_lora",
-              "lr_adazeta", "eps_adazeta", "wd_adazeta", "tt_scaling", "fixed_q", "q_alpha", "q_beta", "q_max",
-              "q_target")
+SCALE_KEYS = ("budget", "batch", "num_train", "num_val", "num_test", "points", "lr_schedule", "lr_mezo", "lr_lora",
+              "eps_lora", "lr_adazeta", "eps_adazeta", "wd_adazeta", "tt_scaling", "fixed_q", "q_alpha", "q_beta",
+              "q_max", "q_target")
 FAMILY = {"mezo": "base", "mezo-lora": "base", "adazeta-fixed": "tt", "adazeta": "tt"}  # same model at step 0
 
 
@@ -48,7 +48,7 @@ def run_config(args, task: str, method: str, steps: int, out: Path, eval_before:
 
     kw = dict(out=str(out), model=args.model, task=task, data_dir=str(DATA), steps=steps, batch_size=args.batch,
               num_train=args.num_train, num_dev=0, num_test=args.num_test, eval_every=0, eval_before=eval_before,
-              eval_batch_size=16, seed=args.seed)
+              eval_batch_size=16, seed=args.seed, lr_schedule=args.lr_schedule)
     if method == "mezo":
         kw.update(method="mezo", lr=args.lr_mezo, eps=1e-3)
     elif method == "mezo-lora":
@@ -280,6 +280,7 @@ def main() -> None:
     ap.add_argument("--num-test", type=int, default=256)
     ap.add_argument("--points", type=int, default=6, help="validation points after step 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr-schedule", default="constant", help="constant (the papers') or linear (decays to 0)")
     ap.add_argument("--lr-mezo", type=float, default=3e-5)
     ap.add_argument("--lr-lora", type=float, default=3e-3)
     ap.add_argument("--eps-lora", type=float, default=1e-2)
