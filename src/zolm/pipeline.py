@@ -38,7 +38,7 @@ from zolm.utils.outputs import check_output
 from zolm.utils.sparse import unpack_mask
 
 STAGES = ("prune", "quantize", "finetune", "eval")
-PRUNE_DATA_KEYS = ("calib", "nsamples", "seqlen", "seed")
+CALIB_DEFAULTS = {"calib": "c4", "nsamples": 32, "seqlen": 256, "seed": 0}  # the prune / quantize stages' own keys
 
 
 @dataclass
@@ -117,19 +117,30 @@ class Recipe:
         return recipe
 
 
+def _without_calibration_keys(opts: dict, where: str) -> dict:
+    """A stage's options less its calibration-data keys (CALIB_DEFAULTS), whose types are checked here."""
+    from zolm.utils.configs import check_value
+
+    for key, default in CALIB_DEFAULTS.items():
+        if key in opts:
+            check_value(opts[key], type(default), f"{where}: {key}")
+    return {k: v for k, v in opts.items() if k not in CALIB_DEFAULTS}
+
+
+def _calibration(opts: dict) -> dict:
+    """A stage's calibration-data keys, defaults filled in."""
+    return {k: opts.get(k, default) for k, default in CALIB_DEFAULTS.items()}
+
+
 def quant_options(opts: dict, where: str):
     """The quantize stage's options as a low-bit BaseWeights (types and keys checked; the calibration-data keys,
     used by clip act, are the stage's own)."""
     from zolm.train.parts import BaseWeights
-    from zolm.utils.configs import build, check_value
+    from zolm.utils.configs import build
 
-    for key, kind in (("nsamples", int), ("seqlen", int), ("seed", int), ("calib", str)):
-        if key in opts:
-            check_value(opts[key], kind, f"{where}: {key}")
-    base = build(BaseWeights, {"kind": "low-bit", **{k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS}},
-                 where)
-    if base.clip != "act" and any(k in opts for k in PRUNE_DATA_KEYS):
-        raise ZolmError(f"{where}: calibration keys ({', '.join(k for k in PRUNE_DATA_KEYS if k in opts)}) only "
+    base = build(BaseWeights, {"kind": "low-bit", **_without_calibration_keys(opts, where)}, where)
+    if base.clip != "act" and any(k in opts for k in CALIB_DEFAULTS):
+        raise ZolmError(f"{where}: calibration keys ({', '.join(k for k in CALIB_DEFAULTS if k in opts)}) only "
                         "apply with clip: act")
     return base
 
@@ -137,12 +148,9 @@ def quant_options(opts: dict, where: str):
 def _prune_config(opts: dict, where: str = "prune stage"):
     """The prune stage's PruneConfig (keys and types checked; calibration-data keys are the stage's own)."""
     from zolm.prune.api import PruneConfig
-    from zolm.utils.configs import build, check_value
+    from zolm.utils.configs import build
 
-    for key, kind in (("nsamples", int), ("seqlen", int), ("seed", int), ("calib", str)):
-        if key in opts:
-            check_value(opts[key], kind, f"{where}: {key}")
-    return build(PruneConfig, {k: v for k, v in opts.items() if k not in PRUNE_DATA_KEYS}, where)
+    return build(PruneConfig, _without_calibration_keys(opts, where), where)
 
 
 def _key(*parts: Any) -> str:
@@ -220,14 +228,14 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
 
         cfg = _prune_config(opts)
         model, tok = _load_plain(src)
+        c = _calibration(opts)
         limit = getattr(model.config, "max_position_embeddings", None)
-        if cfg.needs_calibration and isinstance(limit, int) and opts.get("seqlen", 256) > limit:
-            raise ZolmError(f"prune stage: seqlen {opts['seqlen']} is longer than the model's {limit} positions "
+        if cfg.needs_calibration and isinstance(limit, int) and c["seqlen"] > limit:
+            raise ZolmError(f"prune stage: seqlen {c['seqlen']} is longer than the model's {limit} positions "
                             "(max_position_embeddings)")
         calib = None
         if cfg.needs_calibration:
-            calib = calibration_ids(tok, opts.get("calib", "c4"), recipe.data_dir, opts.get("nsamples", 32),
-                                    opts.get("seqlen", 256), opts.get("seed", 0))
+            calib = calibration_ids(tok, c["calib"], recipe.data_dir, c["nsamples"], c["seqlen"], c["seed"])
         report = prune_(model, cfg, calib)
         details = {"seconds": round(report.seconds, 1), "sparsity": report.sparsity}
         models.save(model, tok, sdir / "model")
@@ -241,8 +249,9 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
         if qc.weight.clip == "act":
             from zolm.quant.calibrate import calibrated_importance
 
-            importance = calibrated_importance(model, tok, opts.get("calib", "c4"), recipe.data_dir,
-                                               opts.get("nsamples", 32), opts.get("seqlen", 256), opts.get("seed", 0))
+            c = _calibration(opts)
+            importance = calibrated_importance(model, tok, c["calib"], recipe.data_dir, c["nsamples"], c["seqlen"],
+                                               c["seed"])
         quantize_(model, qc, importance=importance)
         models.save(model, tok, sdir / "model")
         return str(sdir / "model"), {"format": qc.weight.name}

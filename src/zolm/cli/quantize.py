@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if qc.weight.clip == "act":
         from zolm.quant.calibrate import calibrated_importance
 
-        importance = calibrated_importance(model, tok, args.calib_data or "c4", args.data_dir, args.nsamples or 32,
-                                           args.seqlen or 256)
+        given = {"source": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen}
+        importance = calibrated_importance(model, tok, data_dir=args.data_dir,
+                                           **{k: v for k, v in given.items() if v is not None})
     quantize_(model, qc, importance=importance)
     after = _bytes(model)
     models.save(model, tok, args.out)
