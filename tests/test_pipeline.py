@@ -128,3 +128,11 @@ def test_summary_table_shows_each_stage_and_what_the_recovery_changed():
     assert lines[3] == "| 1 quantize | 0.52 | 100 | 0.50 | 100.0 | 2 |"
     assert lines[-1] == ("stage 2 (finetune) against its start: sst2 0.520 -> 0.700 (+0.180), "
                          "perplexity 100.00 -> 103.00 (+3.0%)")
+
+
+def test_a_prune_stage_longer_than_the_model_positions_is_a_one_line_error(tmp_path, tiny_llama_dir, data_dir):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"model: {tiny_llama_dir}\ndata_dir: {data_dir}\nout: {tmp_path / 'out'}\n"
+                 "stages:\n  - prune: {method: wanda, sparsity: 0.5, nsamples: 2, seqlen: 100000}\n")
+    with pytest.raises(ZolmError, match=r"^prune stage: seqlen 100000 is longer than the model's \d+ positions"):
+        run_recipe(Recipe.from_file(p))

@@ -223,18 +223,15 @@ def _run_stage(kind: str, opts: dict, src: str, sdir: Path, recipe: Recipe, quan
     """Run one stage on the model in ``src``; returns (its output model directory, details)."""
     details: dict[str, Any] = {}
     if kind == "prune":
-        from zolm.data.calibration import calibration_ids
+        from zolm.data.calibration import calibration_ids, check_fits_positions
         from zolm.prune.api import prune_
 
         cfg = _prune_config(opts)
         model, tok = _load_plain(src)
         c = _calibration(opts)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if cfg.needs_calibration and isinstance(limit, int) and c["seqlen"] > limit:
-            raise ZolmError(f"prune stage: seqlen {c['seqlen']} is longer than the model's {limit} positions "
-                            "(max_position_embeddings)")
         calib = None
         if cfg.needs_calibration:
+            check_fits_positions(model.config, c["seqlen"], "prune stage: seqlen")
             calib = calibration_ids(tok, c["calib"], recipe.data_dir, c["nsamples"], c["seqlen"], c["seed"])
         report = prune_(model, cfg, calib)
         details = {"seconds": round(report.seconds, 1), "sparsity": report.sparsity}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import CORPUS, SHARED_DATA, write_jsonl
-from zolm.data.calibration import calibration_ids, calibration_source
+from zolm.data.calibration import calibration_ids, calibration_source, check_fits_positions
 from zolm.errors import ZolmError
 
 
@@ -57,3 +57,15 @@ def test_errors_are_one_line(tokenizer, tmp_path, c4_dir):
 def test_shared_c4_gives_the_requested_shape(smollm2_tokenizer):
     ids = calibration_ids(smollm2_tokenizer, "c4", SHARED_DATA, nsamples=8, seqlen=512)
     assert ids.shape == (8, 512) and int(ids.max()) < len(smollm2_tokenizer)
+
+
+def test_sequences_longer_than_the_positions_are_refused_by_name():
+    from transformers import GPT2Config, LlamaConfig
+
+    check_fits_positions(LlamaConfig(max_position_embeddings=256), 256)  # exactly the limit is fine
+    with pytest.raises(ZolmError, match=r"^--seqlen 257 is longer than the model's 256 positions "
+                                        r"\(max_position_embeddings\)$"):
+        check_fits_positions(LlamaConfig(max_position_embeddings=256), 257, "--seqlen")
+    with pytest.raises(ZolmError, match="^calibration seqlen 65 is longer than the model's 64 positions"):
+        check_fits_positions(GPT2Config(n_positions=64), 65)  # GPT-2 names it n_positions
+    check_fits_positions(object(), 10**6)  # a config that does not say: no check

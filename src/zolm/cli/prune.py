@@ -90,7 +90,7 @@ def _dir_size(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # every option is checked before the model loads
-    from zolm.data.calibration import calibration_ids, calibration_source
+    from zolm.data.calibration import calibration_ids, calibration_source, check_fits_positions
     from zolm.models import resolve_dtype
     from zolm.utils.devices import resolve_device
 
@@ -108,12 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from zolm.utils.io import atomic_write_json
 
     model, tok = models.load(args.model, args.dtype, device=device, device_map=args.device_map)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if source is not None and isinstance(limit, int) and args.seqlen > limit:
-        raise ZolmError(f"--seqlen {args.seqlen} is longer than the model's {limit} positions "
-                        "(max_position_embeddings)")
     calib = None
     if source is not None:
+        check_fits_positions(model.config, args.seqlen, "--seqlen")
         calib = calibration_ids(tok, source, None, args.nsamples, args.seqlen, args.seed)
     report = prune_(model, config, calib)
     for line in format_report(report):

@@ -74,6 +74,14 @@ def _from_text(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, wher
     return ids[: windows * seqlen].view(windows, seqlen)[torch.from_numpy(pick)]
 
 
+def check_fits_positions(config, seqlen: int, what: str = "calibration seqlen") -> None:
+    """Refuse ``seqlen``-token sequences longer than the model's ``max_position_embeddings`` (one-line error
+    naming ``what``, the option the user set); no check when the config does not say."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ZolmError(f"{what} {seqlen} is longer than the model's {limit} positions (max_position_embeddings)")
+
+
 def calibration_ids(tokenizer, source: str | Path = "c4", data_dir: str | Path | None = None, nsamples: int = 128,
                     seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
     """``nsamples`` calibration sequences of ``seqlen`` tokens ([N, L] int64) from ``source`` (see module doc).

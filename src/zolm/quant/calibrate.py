@@ -59,12 +59,9 @@ def calibrated_importance(model: nn.Module, tokenizer, source: str = "c4", data_
                           nsamples: int = 32, seqlen: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
     """:func:`input_importance` on ``nsamples`` x ``seqlen`` tokens of calibration text (``source``: c4, wikitext2
     or a path; zolm.data.calibration), after the checks that keep a bad request a one-line error."""
-    from zolm.data.calibration import calibration_ids
+    from zolm.data.calibration import calibration_ids, check_fits_positions
 
     if getattr(model.config, "zolm_quantization", None):
         raise ZolmError("the model is already quantized")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seqlen > limit:
-        raise ZolmError(f"calibration seqlen {seqlen} is longer than the model's {limit} positions "
-                        "(max_position_embeddings)")
+    check_fits_positions(model.config, seqlen)
     return input_importance(model, calibration_ids(tokenizer, source, data_dir, nsamples, seqlen, seed))
