@@ -48,7 +48,7 @@ def run_config(args, task: str, method: str, steps: int, out: Path, eval_before:
 
     kw = dict(out=str(out), model=args.model, task=task, data_dir=str(DATA), steps=steps, batch_size=args.batch,
               num_train=args.num_train, num_dev=0, num_test=args.num_test, eval_every=0, eval_before=eval_before,
-              eval_batch_size=16, seed=args.seed, lr_schedule=args.lr_schedule)
+              eval_batch_size=16, seed=args.seed, data_seed=args.seed, lr_schedule=args.lr_schedule)
     if method == "mezo":
         kw.update(method="mezo", lr=args.lr_mezo, eps=1e-3)
     elif method == "mezo-lora":
@@ -85,35 +85,43 @@ def steps_for_budget(args, task: str, method: str, n_train: int) -> int:
     raise SystemExit(f"budget {args.budget} is below one step of {method}")
 
 
-def val_curve(run_dir: Path, items, milestones: list[int], cache: dict, key) -> tuple[list[dict], int]:
-    """Validation loss / accuracy at each budget milestone, weights rebuilt from the replay log."""
-    import torch.nn.functional as F
-
+def replayed(run_dir: Path, milestones: list[int]):
+    """Yield (step, forward passes, method, tokenizer) at each budget milestone: the run's weights rebuilt from
+    its replay log (no forward pass; bit-identical to training), the last step whose forwards fit the milestone."""
     from zolm import models
-    from zolm.eval.evaluate import candidate_scores
     from zolm.train.build import build_method
     from zolm.train.config import FinetuneConfig
     from zolm.utils.io import read_jsonl
     from zolm.zo.replay import read_log, with_seeds
 
     log = read_log(run_dir / "replay.jsonl")
-    records = log.records
     config = FinetuneConfig.from_dict({**log.header["config"], "out": ""})
     fwd = {r["step"]: r["forward_passes"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
     model, tok = models.load(config.model)
     method = build_method(model, config)
-    gold = torch.tensor([it.gold for it in items])
-    points, done = [], 0
+    done = 0
     for m in milestones:
         step = max([0] + [s for s, f in fwd.items() if f <= m])
-        for rec in records[done:step]:
+        for rec in log.records[done:step]:
             method.optimizer.replay_(with_seeds(rec, method.optimizer.seeds_for))
         done = step
+        yield step, fwd.get(step, 0), method, tok
+
+
+def val_curve(run_dir: Path, items, milestones: list[int], cache: dict, key) -> tuple[list[dict], int]:
+    """Validation loss / accuracy at each budget milestone, weights rebuilt from the replay log."""
+    import torch.nn.functional as F
+
+    from zolm.eval.evaluate import candidate_scores
+
+    gold = torch.tensor([it.gold for it in items])
+    points, method = [], None
+    for step, fwd, method, tok in replayed(run_dir, milestones):
         if step == 0 and key in cache:
             points.append(dict(cache[key]))
             continue
         scores = torch.tensor(candidate_scores(method.model, items, tok.pad_token_id, 16, "val"))
-        point = {"step": step, "forward_passes": fwd.get(step, 0), "val_loss": float(F.cross_entropy(scores, gold)),
+        point = {"step": step, "forward_passes": fwd, "val_loss": float(F.cross_entropy(scores, gold)),
                  "val_accuracy": float((scores.argmax(-1) == gold).float().mean())}
         if step == 0:
             cache[key] = point
