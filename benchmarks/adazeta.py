@@ -85,17 +85,24 @@ def steps_for_budget(args, task: str, method: str, n_train: int) -> int:
     raise SystemExit(f"budget {args.budget} is below one step of {method}")
 
 
+def logged_config(run_dir: Path):
+    """The FinetuneConfig a finished run recorded in its replay log header, and the log."""
+    from zolm.train.config import FinetuneConfig
+    from zolm.zo.replay import read_log
+
+    log = read_log(run_dir / "replay.jsonl")
+    return FinetuneConfig.from_dict({**log.header["config"], "out": ""}), log
+
+
 def replayed(run_dir: Path, milestones: list[int]):
     """Yield (step, forward passes, method, tokenizer) at each budget milestone: the run's weights rebuilt from
     its replay log (no forward pass; bit-identical to training), the last step whose forwards fit the milestone."""
     from zolm import models
     from zolm.train.build import build_method
-    from zolm.train.config import FinetuneConfig
     from zolm.utils.io import read_jsonl
-    from zolm.zo.replay import read_log, with_seeds
+    from zolm.zo.replay import with_seeds
 
-    log = read_log(run_dir / "replay.jsonl")
-    config = FinetuneConfig.from_dict({**log.header["config"], "out": ""})
+    config, log = logged_config(run_dir)
     fwd = {r["step"]: r["forward_passes"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
     model, tok = models.load(config.model)
     method = build_method(model, config)

@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, environment  # noqa: E402
-from adazeta import replayed  # noqa: E402
+from adazeta import logged_config, replayed  # noqa: E402
 
 
 def group_of(name: str) -> str:
     """A parameter's group with layer indices folded: ``...layers.3.self_attn.q_proj.lora_A.default.weight`` ->
-    ``q_proj.lora_A``; ``...layers.3.tt_attn.up.core_2`` -> ``tt_attn.up.core_2``."""
+    ``q_proj.lora_A``; ``...layers.3.mlp.up_proj.tt_adapter.up.core_5`` -> ``mlp.up_proj.tt_adapter.up.core_5``."""
     name = re.sub(r"\.default\b", "", re.sub(r"^.*layers\.\d+\.", "", name))
     name = re.sub(r"\.weight$", "", name)
     parts = name.split(".")
@@ -83,17 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     from zolm import models
     from zolm.data.encode import encode_all, training_batch
     from zolm.data.tasks import load_splits
-    from zolm.train.config import FinetuneConfig
     from zolm.train.loop import lr_at
     from zolm.utils.io import atomic_write_json, read_jsonl
-    from zolm.zo.replay import read_log
 
     runs, t0, out = Path(args.runs), time.time(), {}
     for name in args.methods.split(","):
         run_dir = runs / name
         if not (run_dir / "replay.jsonl").is_file():
             raise SystemExit(f"no replay log in {run_dir}: run benchmarks/adazeta.py first (see --help)")
-        config = FinetuneConfig.from_dict({**read_log(run_dir / "replay.jsonl").header["config"], "out": ""})
+        config, _ = logged_config(run_dir)
         budget = max(r["forward_passes"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r)
         milestones = [round(budget * k / args.points) for k in range(args.points + 1)]
         split = load_splits(config.tasks[0], DATA, config.num_train, 0, 0, config.data_seed)  # its training examples

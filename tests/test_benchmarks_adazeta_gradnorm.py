@@ -41,7 +41,6 @@ def test_the_norm_is_the_full_batch_gradient_and_lora_a_has_none_at_b_zero(gradn
     total, groups, loss = gradnorm.gradient_sq_norms(method, halves, "classification")
     assert not any(p.requires_grad for p in method.params.params)  # left frozen for the ZO replay
 
-
     params = method.params.params
     for p in params:
         p.requires_grad_(True)
